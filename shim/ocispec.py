@@ -1,0 +1,103 @@
+"""Turn the host OCI spec containerd wrote into the spec the guest agent runs.
+
+What changes (as kata's runtime does): ``root.path`` points at the container's rootfs in the
+guest share; host namespace paths are dropped (the guest has its own; the pod network is the
+guest's network); host hooks and host device nodes are dropped; bind mounts of host files and
+directories (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname, termination-log, volumes) are
+shared into the guest and their sources rewritten; ``cgroupsPath`` is set to a guest path.
+Everything is validated: a malformed spec is an InvalidArgument before anything is created.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from shim.errors import InvalidArgument
+
+# Mount types the guest provides itself; never shared from the host.
+_GUEST_FS = {"proc", "sysfs", "devpts", "tmpfs", "mqueue", "cgroup", "cgroup2", "shm"}
+_HOST_ONLY_PREFIXES = ("/dev/", "/proc/", "/sys/")
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise InvalidArgument(f"invalid OCI spec: {message}")
+
+
+def validate(spec: Any) -> dict[str, Any]:
+    _require(isinstance(spec, dict), "top level must be an object")
+    proc = spec.get("process")
+    _require(isinstance(proc, dict), "process must be an object")
+    args = proc.get("args")
+    _require(isinstance(args, list) and args and all(isinstance(a, str) for a in args),
+             "process.args must be a non-empty list of strings")
+    _require(isinstance(proc.get("env", []), list), "process.env must be a list")
+    _require(isinstance(spec.get("root", {}), dict), "root must be an object")
+    _require(isinstance(spec.get("mounts", []), list), "mounts must be a list")
+    for m in spec.get("mounts", []):
+        _require(isinstance(m, dict) and isinstance(m.get("destination"), str), "mount without destination")
+    _require(isinstance(spec.get("annotations", {}), dict), "annotations must be an object")
+    _require(isinstance(spec.get("linux", {}), dict), "linux must be an object")
+    return spec
+
+
+def load(bundle: str | Path) -> dict[str, Any]:
+    path = Path(bundle) / "config.json"
+    import json
+
+    try:
+        return validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise InvalidArgument(f"invalid OCI spec: {path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"invalid OCI spec: {path} is not JSON: {exc}") from None
+
+
+ShareFile = Callable[[str, str], str]
+"""(host source path, share name) → guest path; binds the host path into the guest share."""
+
+
+def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: ShareFile) -> dict[str, Any]:
+    validate(spec)
+    out = copy.deepcopy(spec)
+    out.pop("hooks", None)
+    out["root"] = {"path": guest_rootfs, "readonly": bool(spec.get("root", {}).get("readonly", False))}
+    mounts = []
+    for m in out.get("mounts", []):
+        mtype = m.get("type", "bind" if "bind" in (m.get("options") or []) else "")
+        src = m.get("source", "")
+        if mtype in _GUEST_FS or not src.startswith("/") or src.startswith(_HOST_ONLY_PREFIXES):
+            if mtype == "bind" and src.startswith(_HOST_ONLY_PREFIXES):
+                continue  # host device/proc/sys binds make no sense inside the VM
+            mounts.append(m)
+            continue
+        if not os.path.exists(src):
+            raise InvalidArgument(f"invalid OCI spec: mount source {src} does not exist")
+        digest = hashlib.sha256(f"{container_id}:{m['destination']}".encode()).hexdigest()[:12]
+        name = f"{container_id}-{digest}-{os.path.basename(src.rstrip('/')) or 'root'}"
+        m = dict(m, source=share(src, name))
+        mounts.append(m)
+    out["mounts"] = mounts
+    linux = out.setdefault("linux", {})
+    namespaces = []
+    for ns in linux.get("namespaces", []) or []:
+        _require(isinstance(ns, dict) and isinstance(ns.get("type"), str), "bad namespace entry")
+        if ns["type"] == "network":
+            continue  # the guest's network is the pod's network
+        namespaces.append({"type": ns["type"]})
+    linux["namespaces"] = namespaces
+    linux.pop("devices", None)
+    linux["cgroupsPath"] = f"/kata-colo/{container_id}"
+    return out
+
+
+def process_from_exec(spec: Any) -> dict[str, Any]:
+    """Validate an exec's OCI Process JSON (ExecProcessRequest.spec)."""
+    _require(isinstance(spec, dict), "exec process must be an object")
+    args = spec.get("args")
+    _require(isinstance(args, list) and args and all(isinstance(a, str) for a in args),
+             "exec process.args must be a non-empty list of strings")
+    return spec

@@ -1,0 +1,148 @@
+"""Container root filesystems: containerd's Mounts on the bundle, shared into the guest.
+
+containerd hands Create a list of Mounts (overlay lowerdir/upperdir/workdir with the overlayfs
+snapshotter, a bind mount with native) to be mounted on ``<bundle>/rootfs``. The rootfs is then
+bind-mounted into the sandbox's shared directory, which the hypervisor exports to the guest
+(virtio-9p now; :class:`SharedFs` is the seam for virtio-fs later). Every mount made here is
+undone by :func:`unmount_all` / :meth:`SharedFs.unshare`, also from ``delete`` after a crash.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from shim.backend import Mount
+from shim.errors import InvalidArgument, ResourceError
+
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_RDONLY = 0x1
+MNT_DETACH = 0x2
+GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
+SHARE_TAG = "kataShared"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not _ID.match(value or ""):
+        raise InvalidArgument(f"invalid {what} {value!r}")
+    return value
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    rc = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                     data.encode() if data else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise ResourceError(f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
+
+
+def umount(target: str | Path) -> bool:
+    """Lazily unmount target; False when nothing was mounted there."""
+    rc = _libc.umount2(str(target).encode(), MNT_DETACH)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
+            return False
+        raise ResourceError(f"umount {target}: {os.strerror(err)}")
+    return True
+
+
+def is_mountpoint(path: str | Path) -> bool:
+    p = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == p for line in f)
+
+
+_FLAG_OPTS = {"ro": MS_RDONLY, "rbind": MS_BIND | MS_REC, "bind": MS_BIND}
+_IGNORED_OPTS = {"rw", "defaults"}
+
+
+def mount_rootfs(mounts: Sequence[Mount], rootfs: Path) -> bool:
+    """Mount containerd's rootfs Mounts on the bundle's rootfs dir. False when there were none
+    (ctr --rootfs / a pre-populated bundle)."""
+    if not mounts:
+        return False
+    if len(mounts) != 1:
+        raise InvalidArgument(f"expected one rootfs mount, got {len(mounts)}")
+    m = mounts[0]
+    if m.type not in ("overlay", "bind", "rbind", "none", ""):
+        raise InvalidArgument(f"unsupported rootfs mount type {m.type!r}")
+    flags = 0
+    data: list[str] = []
+    for opt in m.options:
+        if "\x00" in opt:
+            raise InvalidArgument("NUL byte in mount option")
+        if opt in _FLAG_OPTS:
+            flags |= _FLAG_OPTS[opt]
+        elif opt not in _IGNORED_OPTS:
+            data.append(opt)
+    if m.type in ("bind", "rbind"):
+        flags |= MS_BIND | (MS_REC if m.type == "rbind" else 0)
+    rootfs.mkdir(parents=True, exist_ok=True)
+    fstype = "" if flags & MS_BIND else m.type
+    _mount(m.source, str(rootfs), fstype, flags & ~MS_RDONLY, ",".join(data))
+    if flags & MS_BIND and flags & MS_RDONLY:
+        _mount("", str(rootfs), "", MS_BIND | MS_RDONLY | 0x20, "")  # MS_REMOUNT
+    return True
+
+
+class SharedFs(Protocol):
+    host_dir: Path
+    tag: str
+
+    def share_rootfs(self, container_id: str, host_rootfs: Path) -> str: ...
+    def unshare(self, container_id: str) -> None: ...
+    def cleanup(self) -> None: ...
+
+
+class Virtio9pShare:
+    """The sandbox's shared directory exported over virtio-9p with mount tag ``kataShared``;
+    the guest agent mounts it at /run/kata-containers/shared/containers."""
+
+    def __init__(self, host_dir: Path, tag: str = SHARE_TAG) -> None:
+        self.host_dir = host_dir
+        self.tag = tag
+
+    def prepare(self) -> None:
+        self.host_dir.mkdir(parents=True, exist_ok=True)
+
+    def share_rootfs(self, container_id: str, host_rootfs: Path) -> str:
+        check_id(container_id, "container id")
+        target = self.host_dir / container_id / "rootfs"
+        target.mkdir(parents=True, exist_ok=True)
+        if not is_mountpoint(target):
+            _mount(str(host_rootfs), str(target), "", MS_BIND | MS_REC, "")
+        return f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
+
+    def unshare(self, container_id: str) -> None:
+        check_id(container_id, "container id")
+        base = self.host_dir / container_id
+        target = base / "rootfs"
+        while is_mountpoint(target):
+            umount(target)
+        shutil.rmtree(base, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        if not self.host_dir.exists():
+            return
+        for child in self.host_dir.iterdir():
+            if _ID.match(child.name):
+                self.unshare(child.name)
+        shutil.rmtree(self.host_dir, ignore_errors=True)
+
+
+def unmount_all(path: Path) -> None:
+    """Unmount everything mounted at path (stacked mounts included)."""
+    while is_mountpoint(path):
+        umount(path)

@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from shim import config
+from shim.errors import ConfigError, InvalidArgument
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_packaged_defaults_parse_and_validate():
+    cfg = config.load(str(REPO / "config" / "configuration.toml"))
+    assert cfg.hypervisor.accel == "auto"
+    assert cfg.hypervisor.default_memory == 512
+    assert set(cfg.colo.priorities) == {"high", "low"}
+    assert cfg.colo.priorities["low"]["cpu_shares"] == 2
+
+
+def test_values_override_defaults():
+    cfg = config.parse('[hypervisor.qemu]\ndefault_vcpus = 4\naccel = "tcg"\n[agent.kata]\ndial_timeout = 5\n')
+    assert cfg.hypervisor.default_vcpus == 4
+    assert cfg.hypervisor.accel == "tcg"
+    assert cfg.agent.dial_timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[hypervisor.qemu]\naccel = 'xen'\n", "accel"),
+        ("[hypervisor.qemu]\ndefault_vcpus = 0\n", "default_vcpus"),
+        ("[hypervisor.qemu]\ndefault_vcpus = '2'\n", "wrong type"),
+        ("[hypervisor.qemu]\nbogus = 1\n", "unknown key"),
+        ("[hypervisor.firecracker]\n", "only [hypervisor.qemu]"),
+        ("[nonsense]\n", "unknown section"),
+        ("[hypervisor.qemu\n", "invalid configuration"),
+        ("[hypervisor.qemu]\nkernel_params = 'a;reboot'\n", "kernel_params"),
+        ("[colo]\ncgroup_root = '../etc'\n", "cgroup_root"),
+        ("[colo.priorities.HIGH]\ncpu_shares = 1\n", "priority name"),
+        ("[agent.kata]\ntransport = 'carrier-pigeon'\n", "transport"),
+    ],
+)
+def test_invalid_config_is_a_clear_config_error(text, fragment):
+    with pytest.raises(ConfigError) as exc:
+        config.parse(text)
+    assert fragment in str(exc.value)
+    assert isinstance(exc.value, InvalidArgument)
+
+
+def test_path_resolution_order(tmp_path, monkeypatch):
+    a = tmp_path / "a.toml"
+    a.write_text("[hypervisor.qemu]\ndefault_memory = 256\n")
+    b = tmp_path / "b.toml"
+    b.write_text("[hypervisor.qemu]\ndefault_memory = 1024\n")
+    monkeypatch.setenv(config.ENV_PATH, str(b))
+    assert config.load().hypervisor.default_memory == 1024
+    assert config.load(str(a)).hypervisor.default_memory == 256
+    monkeypatch.setenv(config.ENV_PATH, str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load()
+
+
+def test_annotations_allowed_and_rejected():
+    cfg = config.parse("")
+    prefix = config.ANNOTATION_HV_PREFIX
+    out = config.apply_annotations(cfg, {prefix + "default_vcpus": "3", prefix + "default_memory": "1024",
+                                         "unrelated": "x"})
+    assert (out.hypervisor.default_vcpus, out.hypervisor.default_memory) == (3, 1024)
+    with pytest.raises(ConfigError, match="not an integer"):
+        config.apply_annotations(cfg, {prefix + "default_vcpus": "two"})
+    with pytest.raises(ConfigError, match="not enabled"):
+        config.apply_annotations(cfg, {prefix + "path": "/bin/sh"})
+    with pytest.raises(ConfigError, match="annotations rejected"):
+        config.apply_annotations(cfg, {prefix + "default_memory": "16"})
+    locked = config.parse("[hypervisor.qemu]\nenable_annotations = []\n")
+    with pytest.raises(ConfigError, match="not enabled"):
+        config.apply_annotations(locked, {prefix + "default_vcpus": "2"})
