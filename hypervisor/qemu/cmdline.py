@@ -1,0 +1,258 @@
+"""VmConfig → QEMU argv. Pure: no I/O beyond what the caller passes in (cpuinfo text).
+
+Every value that lands inside a QemuOpts list (``key=value,key=value``) goes through
+:func:`opt_value`, which doubles commas (QEMU's escape) and rejects control characters; ids,
+tags and MACs are validated against strict patterns instead. Bad values raise InvalidArgument.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from hypervisor.base import AGENT_PORT_NAME, NetDevice, SharedDir, VmConfig
+from shim.errors import InvalidArgument
+
+BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=-1")
+MIN_MEMORY_MIB = 64
+MAX_VCPUS = 255
+MACHINES = ("q35", "pc")
+ACCELS = ("auto", "kvm", "tcg")
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DEV_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
+_TAG = re.compile(r"[A-Za-z0-9_.-]{1,31}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_CPU_MODEL = re.compile(r"[A-Za-z0-9_.+=,-]{1,128}")
+_KERNEL_PARAMS = re.compile(r"[A-Za-z0-9_.,:=/+\- ]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# sun_path is 108 bytes including the terminating NUL.
+_UNIX_PATH_MAX = 107
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """The files a VM keeps under its state dir."""
+
+    state_dir: str
+
+    @property
+    def qmp_socket(self) -> str:
+        return os.path.join(self.state_dir, "qmp.sock")
+
+    @property
+    def agent_socket(self) -> str:
+        return os.path.join(self.state_dir, "agent.sock")
+
+    @property
+    def console_log(self) -> str:
+        return os.path.join(self.state_dir, "console.log")
+
+    @property
+    def qemu_log(self) -> str:
+        return os.path.join(self.state_dir, "qemu.log")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.state_dir, "qemu.pid")
+
+    @property
+    def marker(self) -> str:
+        """Present when the driver created state_dir (so it may remove the whole directory)."""
+        return os.path.join(self.state_dir, ".kata-colo-vm")
+
+    def files(self) -> tuple[str, ...]:
+        return (self.qmp_socket, self.agent_socket, self.console_log, self.qemu_log, self.pidfile)
+
+
+def opt_value(value: str, what: str) -> str:
+    """Escape ``value`` for a QemuOpts list: commas are doubled; control characters rejected."""
+    if not value:
+        raise InvalidArgument(f"{what} must not be empty")
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{what} contains control characters: {value!r}")
+    return value.replace(",", ",,")
+
+
+def resolve_accel(accel: str, cpuinfo: str) -> str:
+    """``auto`` → ``kvm`` only when the host CPU flags show vmx or svm, else ``tcg``."""
+    if accel not in ACCELS:
+        raise InvalidArgument(f"accel must be one of {ACCELS}, not {accel!r}")
+    if accel != "auto":
+        return accel
+    for line in cpuinfo.splitlines():
+        key, _, flags = line.partition(":")
+        if key.strip() == "flags" and {"vmx", "svm"} & set(flags.split()):
+            return "kvm"
+    return "tcg"
+
+
+def kernel_cmdline(cfg: VmConfig) -> str:
+    params = list(BASE_KERNEL_PARAMS)
+    if not cfg.debug:
+        params.append("quiet")
+    if cfg.image:
+        params += ["root=/dev/vda", "ro"]
+    if cfg.initrd:
+        params.append("rdinit=/init")
+    extra = cfg.kernel_params.strip()
+    if extra:
+        if not _KERNEL_PARAMS.fullmatch(extra):
+            raise InvalidArgument(f"kernel_params has unsupported characters: {extra!r}")
+        params.append(extra)
+    return " ".join(params)
+
+
+def validate(cfg: VmConfig) -> None:
+    """Raise InvalidArgument for any value QEMU would reject or that would be unsafe."""
+    if not _ID.fullmatch(cfg.sandbox_id):
+        raise InvalidArgument(f"bad sandbox id {cfg.sandbox_id!r}")
+    if not cfg.state_dir or not os.path.isabs(cfg.state_dir):
+        raise InvalidArgument(f"state_dir must be an absolute path, not {cfg.state_dir!r}")
+    paths = VmPaths(cfg.state_dir)
+    if len(os.fsencode(paths.agent_socket)) > _UNIX_PATH_MAX:
+        raise InvalidArgument(f"state_dir too long for unix sockets: {cfg.state_dir!r}")
+    if not cfg.kernel:
+        raise InvalidArgument("no guest kernel configured")
+    if not cfg.hypervisor_path:
+        raise InvalidArgument("no hypervisor binary configured")
+    for what, path in (("state_dir", cfg.state_dir), ("kernel", cfg.kernel),
+                       ("initrd", cfg.initrd), ("image", cfg.image),
+                       ("hypervisor_path", cfg.hypervisor_path)):
+        if path and _CONTROL.search(path):
+            raise InvalidArgument(f"{what} contains control characters: {path!r}")
+    if cfg.machine not in MACHINES:
+        raise InvalidArgument(f"machine must be one of {MACHINES}, not {cfg.machine!r}")
+    if cfg.accel not in ACCELS:
+        raise InvalidArgument(f"accel must be one of {ACCELS}, not {cfg.accel!r}")
+    if cfg.cpu_model and not _CPU_MODEL.fullmatch(cfg.cpu_model):
+        raise InvalidArgument(f"bad cpu model {cfg.cpu_model!r}")
+    if not 1 <= cfg.vcpus <= MAX_VCPUS:
+        raise InvalidArgument(f"vcpus must be 1..{MAX_VCPUS}, not {cfg.vcpus}")
+    if cfg.max_vcpus and not cfg.vcpus <= cfg.max_vcpus <= MAX_VCPUS:
+        raise InvalidArgument(f"max_vcpus must be {cfg.vcpus}..{MAX_VCPUS} (or 0), not {cfg.max_vcpus}")
+    if cfg.memory_mib < MIN_MEMORY_MIB:
+        raise InvalidArgument(f"memory_mib must be >= {MIN_MEMORY_MIB}, not {cfg.memory_mib}")
+    if cfg.max_memory_mib and cfg.max_memory_mib < cfg.memory_mib:
+        raise InvalidArgument(f"max_memory_mib ({cfg.max_memory_mib}) < memory_mib ({cfg.memory_mib})")
+    if not 0 <= cfg.memory_slots <= 255:
+        raise InvalidArgument(f"memory_slots must be 0..255, not {cfg.memory_slots}")
+    if cfg.max_memory_mib > cfg.memory_mib and cfg.memory_slots == 0:
+        raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0")
+    if not 0 <= cfg.pcie_root_ports <= 32:
+        raise InvalidArgument(f"pcie_root_ports must be 0..32, not {cfg.pcie_root_ports}")
+    if cfg.pcie_root_ports and cfg.machine != "q35":
+        raise InvalidArgument("pcie root ports need machine q35")
+    if cfg.agent_channel == "vsock":
+        if not 3 <= cfg.vsock_cid < 0xFFFFFFFF:
+            raise InvalidArgument(f"vsock guest cid must be >= 3, not {cfg.vsock_cid}")
+    elif cfg.agent_channel != "virtio-serial":
+        raise InvalidArgument(f"QEMU cannot serve agent channel {cfg.agent_channel!r}")
+    if not 1 <= cfg.vsock_port <= 0xFFFFFFFF:
+        raise InvalidArgument(f"bad vsock port {cfg.vsock_port}")
+    tags = [d.tag for d in cfg.shared_dirs]
+    if len(set(tags)) != len(tags):
+        raise InvalidArgument(f"duplicate 9p mount tags: {tags}")
+    for share in cfg.shared_dirs:
+        if not _TAG.fullmatch(share.tag):
+            raise InvalidArgument(f"bad 9p mount tag {share.tag!r} (1-31 of [A-Za-z0-9_.-])")
+        if not os.path.isabs(share.host_path):
+            raise InvalidArgument(f"9p share {share.tag}: host path must be absolute")
+    ids = [n.id for n in cfg.nics]
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(f"duplicate NIC ids: {ids}")
+    for nic in cfg.nics:
+        validate_nic(nic)
+    for arg in cfg.extra_args:
+        if _CONTROL.search(arg):
+            raise InvalidArgument(f"extra argument contains control characters: {arg!r}")
+    kernel_cmdline(cfg)
+
+
+def validate_nic(nic: NetDevice) -> None:
+    check_device_id(nic.id)
+    if not _MAC.fullmatch(nic.mac):
+        raise InvalidArgument(f"NIC {nic.id}: bad MAC {nic.mac!r}")
+    if not nic.tap_fds or any(fd < 0 for fd in nic.tap_fds):
+        raise InvalidArgument(f"NIC {nic.id}: needs open tap fds, got {nic.tap_fds}")
+
+
+def check_device_id(dev_id: str) -> str:
+    if not _DEV_ID.fullmatch(dev_id):
+        raise InvalidArgument(f"bad device id {dev_id!r} (letter, then up to 30 of [A-Za-z0-9_-])")
+    return dev_id
+
+
+def build_argv(cfg: VmConfig, cpuinfo: str) -> list[str]:
+    """The complete argv (argv[0] = the QEMU binary). ``cpuinfo`` is /proc/cpuinfo's text."""
+    validate(cfg)
+    accel = resolve_accel(cfg.accel, cpuinfo)
+    paths = VmPaths(cfg.state_dir)
+    argv = [cfg.hypervisor_path,
+            "-name", f"{cfg.sandbox_id},debug-threads=on",
+            "-no-user-config", "-nodefaults", "-nographic", "-no-reboot",
+            "-machine", cfg.machine]
+    argv += ["-accel", "tcg,thread=multi"] if accel == "tcg" else ["-accel", "kvm"]
+    argv += ["-cpu", cfg.cpu_model or ("max" if accel == "tcg" else "host")]
+    max_vcpus = cfg.max_vcpus or cfg.vcpus
+    argv += ["-smp", f"{cfg.vcpus},maxcpus={max_vcpus}"]
+    if cfg.max_memory_mib > cfg.memory_mib:
+        argv += ["-m", f"{cfg.memory_mib}M,slots={cfg.memory_slots},maxmem={cfg.max_memory_mib}M"]
+    else:
+        argv += ["-m", f"{cfg.memory_mib}M"]
+    argv += ["-kernel", cfg.kernel]
+    if cfg.initrd:
+        argv += ["-initrd", cfg.initrd]
+    argv += ["-append", kernel_cmdline(cfg)]
+    argv += ["-pidfile", paths.pidfile]
+    argv += ["-chardev", f"socket,id=charqmp0,path={opt_value(paths.qmp_socket, 'QMP socket')},"
+                         "server=on,wait=off",
+             "-mon", "chardev=charqmp0,mode=control"]
+    argv += ["-chardev", f"file,id=charconsole0,path={opt_value(paths.console_log, 'console log')}",
+             "-serial", "chardev:charconsole0"]
+    for i in range(cfg.pcie_root_ports):
+        argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot=0"]
+    if cfg.agent_channel == "vsock":
+        argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={cfg.vsock_cid}"]
+    else:
+        argv += ["-device", "virtio-serial-pci,id=vserial0",
+                 "-chardev", f"socket,id=charagent0,path={opt_value(paths.agent_socket, 'agent socket')},"
+                             "server=on,wait=off",
+                 "-device", f"virtserialport,chardev=charagent0,id=agentport0,name={AGENT_PORT_NAME}"]
+    for i, share in enumerate(cfg.shared_dirs):
+        argv += share_args(i, share)
+    if cfg.image:
+        argv += ["-drive", f"if=none,id=rootfs0,file={opt_value(cfg.image, 'image')},"
+                           "format=raw,readonly=on",
+                 "-device", "virtio-blk-pci,id=rootdisk0,drive=rootfs0"]
+    for i, nic in enumerate(cfg.nics):
+        argv += nic_args(i, nic)
+    if cfg.balloon:
+        argv += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"]
+    if cfg.debug:
+        argv += ["-msg", "timestamp=on"]
+    argv += list(cfg.extra_args)
+    return argv
+
+
+def share_args(index: int, share: SharedDir) -> list[str]:
+    fsdev = (f"local,id=fsdev{index},path={opt_value(share.host_path, f'9p share {share.tag}')},"
+             "security_model=none,multidevs=remap")
+    if share.readonly:
+        fsdev += ",readonly=on"
+    return ["-fsdev", fsdev,
+            "-device", f"virtio-9p-pci,id=fs{index},fsdev=fsdev{index},mount_tag={share.tag}"]
+
+
+def nic_args(index: int, nic: NetDevice) -> list[str]:
+    validate_nic(nic)
+    vhost = "on" if nic.vhost else "off"
+    if len(nic.tap_fds) == 1:
+        netdev = f"tap,id=net{index},fd={nic.tap_fds[0]},vhost={vhost}"
+        device = f"virtio-net-pci,id={nic.id},netdev=net{index},mac={nic.mac}"
+    else:
+        fds = ":".join(str(fd) for fd in nic.tap_fds)
+        netdev = f"tap,id=net{index},fds={fds},vhost={vhost}"
+        device = (f"virtio-net-pci,id={nic.id},netdev=net{index},mac={nic.mac},"
+                  f"mq=on,vectors={2 * len(nic.tap_fds) + 2}")
+    return ["-netdev", netdev, "-device", device]

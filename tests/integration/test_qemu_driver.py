@@ -1,0 +1,203 @@
+"""QemuHypervisor against a real QEMU (TCG) booting the project's guest image.
+
+Boot-heavy tests are few on purpose: each TCG boot costs seconds on a loaded 2-core box, so one
+VM carries many assertions. The bad-kernel tests need no guest image and always run.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from hypervisor.base import Hypervisor, SharedDir, VmConfig
+from hypervisor.qemu.driver import QemuHypervisor
+from shim.errors import HypervisorError
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+IMAGE_DIR = Path("/var/lib/kata-colo/images/current")
+QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+MIB = 1 << 20
+
+needs_qemu = pytest.mark.skipif(not os.access(QEMU, os.X_OK), reason=f"{QEMU} not installed")
+needs_image = pytest.mark.skipif(
+    not (IMAGE_DIR / "manifest.json").exists(),
+    reason=f"guest image not built: {IMAGE_DIR}/manifest.json is absent (run vm-images/build.py)")
+
+
+def image_files() -> tuple[str, str]:
+    manifest = json.loads((IMAGE_DIR / "manifest.json").read_text())
+    # manifest "kernel" is the kernel version; the file names are under "vmlinux"/"initrd"
+    kernel = str(IMAGE_DIR / manifest.get("vmlinux", "vmlinux"))
+    initrd = str(IMAGE_DIR / manifest.get("initrd", "initramfs.cpio"))
+    return kernel, initrd
+
+
+# The guest init powers off when the image carries no agent; "shell" keeps the guest alive.
+STAY_UP = "kata_colo.init=shell"
+
+
+def vm_config(tmp_path: Path, **kw) -> VmConfig:
+    share = tmp_path / "shared"
+    share.mkdir(exist_ok=True)
+    base = dict(sandbox_id=f"it-{tmp_path.name[-20:]}", state_dir=str(tmp_path / "vm"),
+                kernel="", accel="tcg", vcpus=2, memory_mib=512, hypervisor_path=QEMU,
+                shared_dirs=(SharedDir("kataShared", str(share)),), pcie_root_ports=1,
+                kernel_params=STAY_UP)
+    if (IMAGE_DIR / "manifest.json").exists():
+        base["kernel"], base["initrd"] = image_files()
+    base.update(kw)
+    return VmConfig(**base)
+
+
+def assert_nothing_left(cfg: VmConfig, pid: int | None) -> None:
+    assert not os.path.exists(cfg.state_dir), os.listdir(cfg.state_dir)
+    if pid is not None:
+        assert not os.path.exists(f"/proc/{pid}"), f"qemu pid {pid} still exists"
+
+
+async def _until(predicate, timeout: float, interval: float = 0.2):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value or loop.time() > deadline:
+            return value
+        await asyncio.sleep(interval)
+
+
+@needs_qemu
+@needs_image
+async def test_boot_2_vcpus_qmp_threads_pause_balloon_stop(tmp_path):
+    cfg = vm_config(tmp_path)
+    hv = QemuHypervisor()
+    assert isinstance(hv, Hypervisor)
+    await hv.prepare(cfg)
+    t0 = time.monotonic()
+    await hv.start(timeout=30)
+    started = time.monotonic() - t0
+    pid = hv.vmm_pid()
+    try:
+        assert pid is not None and os.path.exists(f"/proc/{pid}")
+        assert int(Path(cfg.state_dir, "qemu.pid").read_text()) == pid
+        assert hv.agent_address().transport == "virtio-serial"
+        assert os.path.exists(hv.agent_address().path)
+        assert (await hv.monitor.query_status())["status"] == "running"
+
+        threads = await hv.vcpu_threads()
+        assert sorted(threads) == [0, 1]
+        assert len(set(threads.values())) == 2 and pid not in threads.values()
+        for tid in threads.values():
+            assert os.path.exists(f"/proc/{pid}/task/{tid}")
+            assert Path(f"/proc/{pid}/task/{tid}/comm").read_text().startswith("CPU ")
+
+        await hv.pause()
+        assert await hv.status() == "paused"
+        await hv.resume()
+        assert await hv.status() == "running"
+
+        info = await hv.balloon_info()
+        assert info.actual_bytes == 512 * MIB
+        await hv.balloon(384 * MIB)
+
+        async def shrunk():
+            return (await hv.balloon_info()).actual_bytes <= 400 * MIB
+        # needs the guest's virtio_balloon driver, i.e. a booted guest: allow TCG boot time
+        assert await _until(shrunk, timeout=60), "guest never inflated the balloon"
+        await hv.balloon(512 * MIB)
+
+        t1 = time.monotonic()
+        await hv.stop(timeout=10)
+        stopped = time.monotonic() - t1
+        assert isinstance(await asyncio.wait_for(hv.wait(), 5), int)
+        assert not os.path.exists(f"/proc/{pid}")
+    finally:
+        await hv.cleanup()
+    assert_nothing_left(cfg, pid)
+    await hv.cleanup()  # idempotent
+    print(f"\n[timing] start()→QMP up {started:.2f}s, stop {stopped:.2f}s")
+
+
+@needs_qemu
+@needs_image
+async def test_4_vcpus_then_sigkill_resolves_wait(tmp_path):
+    cfg = vm_config(tmp_path, vcpus=4, max_vcpus=4, balloon=False, pcie_root_ports=0)
+    hv = QemuHypervisor()
+    await hv.prepare(cfg)
+    await hv.start(timeout=30)
+    pid = hv.vmm_pid()
+    try:
+        threads = await hv.vcpu_threads()
+        assert sorted(threads) == [0, 1, 2, 3]
+        assert len(set(threads.values())) == 4
+        assert all(os.path.exists(f"/proc/{pid}/task/{t}") for t in threads.values())
+        os.kill(pid, signal.SIGKILL)
+        assert await asyncio.wait_for(hv.wait(), 10) == -signal.SIGKILL
+    finally:
+        await hv.cleanup()
+    assert_nothing_left(cfg, pid)
+
+
+@needs_qemu
+@needs_image
+async def test_guest_poweroff_exits_qemu_and_keeps_console_until_cleanup(tmp_path):
+    cfg = vm_config(tmp_path, kernel_params="kata_colo.init=poweroff", debug=True)
+    hv = QemuHypervisor()
+    await hv.prepare(cfg)
+    t0 = time.monotonic()
+    await hv.start(timeout=30)
+    pid = hv.vmm_pid()
+    try:
+        rc = await asyncio.wait_for(hv.wait(), 120)
+        booted = time.monotonic() - t0
+        assert rc == 0
+        assert hv.shutdown_reason == "guest-shutdown"
+        console = Path(hv.console_log_path or "").read_text(errors="replace")
+        assert "Linux version" in console
+    finally:
+        await hv.cleanup()
+    assert_nothing_left(cfg, pid)
+    print(f"\n[timing] qemu start → guest poweroff {booted:.2f}s")
+
+
+@needs_qemu
+@needs_image
+async def test_cleanup_from_state_dir_only_kills_leftover_qemu(tmp_path):
+    """``delete`` after a shim crash: only the state dir is known."""
+    cfg = vm_config(tmp_path)
+    hv = QemuHypervisor()
+    await hv.prepare(cfg)
+    await hv.start(timeout=30)
+    pid = hv.vmm_pid()
+    try:
+        await QemuHypervisor.cleanup_state_dir(cfg.state_dir)
+        assert_nothing_left(cfg, None)
+        assert await asyncio.wait_for(hv.wait(), 10) == -signal.SIGKILL
+    finally:
+        await hv.cleanup()
+    assert_nothing_left(cfg, pid)
+
+
+@needs_qemu
+@pytest.mark.parametrize("kind", ["missing", "garbage"])
+async def test_bad_kernel_raises_and_leaves_nothing(tmp_path, kind):
+    kernel = tmp_path / "vmlinux"
+    if kind == "garbage":
+        kernel.write_bytes(os.urandom(8192))
+    cfg = vm_config(tmp_path, kernel=str(kernel), initrd="")
+    hv = QemuHypervisor()
+    await hv.prepare(cfg)
+    assert os.path.isdir(cfg.state_dir)
+    with pytest.raises(HypervisorError) as err:
+        await hv.start(timeout=30)
+    assert "qemu" in str(err.value) and "kernel" in str(err.value)
+    pid = hv.vmm_pid()
+    assert_nothing_left(cfg, pid)
+    await hv.cleanup()
+    assert_nothing_left(cfg, pid)
