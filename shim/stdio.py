@@ -138,6 +138,8 @@ class ProcessIO:
     _sinks: list[_Sink] = field(default_factory=list)
     _logger: _BinaryLogger | None = None
     _stdin_fd: int | None = None
+    _stdin_task: asyncio.Task[None] | None = None
+    _close_stdin: Callable[[], Awaitable[None]] | None = None
     _closed: bool = False
 
     async def _sink_for(self, uri: str, which: str) -> _Sink | None:
@@ -174,7 +176,9 @@ class ProcessIO:
                 self._tasks.append(asyncio.create_task(self._copy_out(reader, sink)))
         if self.spec.stdin and write_stdin is not None:
             self._stdin_fd = os.open(self.spec.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._tasks.append(asyncio.create_task(self._copy_in(self._stdin_fd, write_stdin, close_stdin)))
+            self._close_stdin = close_stdin
+            self._stdin_task = asyncio.create_task(self._copy_in(self._stdin_fd, write_stdin, close_stdin))
+            self._tasks.append(self._stdin_task)
 
     async def _copy_out(self, reader: ReadChunk, sink: _Sink) -> None:
         try:
@@ -213,6 +217,22 @@ class ProcessIO:
             raise
         except Exception as exc:
             log.debug("stdin copy ended: %s", exc)
+
+    async def close_stdin(self, timeout: float = 2.0) -> None:
+        """containerd's CloseIO: its writer is closed, so let the copy drain what is still in the
+        FIFO (it ends at EOF and closes the guest's stdin); force it after ``timeout``."""
+        task = self._stdin_task
+        if task is None:
+            if self._close_stdin is not None:
+                await self._close_stdin()
+            return
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if not done:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if self._close_stdin is not None:
+                await self._close_stdin()
 
     async def wait_output(self, timeout: float | None = None) -> None:
         """Wait until stdout/stderr copies reached EOF (so output is flushed before exit events)."""

@@ -1,0 +1,269 @@
+"""`containerd-shim-kata-colo-v2`: the containerd runtime v2 shim binary (PROTOCOLS.md §1).
+
+    <shim> -namespace NS -address A -publish-binary B -id ID [-debug] [-bundle B] start|delete
+
+``start`` binds the group's socket (or finds the group's live shim), re-executes itself as the
+serving daemon with the listening socket as fd 3, writes ``address`` and prints it. ``delete``
+releases what persisted state says belongs to one id and prints a DeleteResponse. ``serve`` is
+the daemon (internal). The VM backend is the product's only backend; tests inject theirs by
+calling :func:`main` with ``backend_factory`` from a wrapper in tests/fakes/.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from proto.containerd.task.v2 import shim_pb2
+from shim import bootstrap, convert, persist
+from shim import log as shim_log
+from shim.backend import BackendContext, BackendFactory
+from shim.errors import Unavailable
+
+log = logging.getLogger("shim")
+DEFAULT_BACKEND = "shim.sandbox:SandboxBackend"
+LISTEN_FD = 3
+_VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket", "config-path",
+                "group"}
+_BOOL_FLAGS = {"debug", "v"}
+
+
+@dataclass
+class Args:
+    action: str = ""
+    namespace: str = "default"
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    config_path: str = ""
+    group: str = ""
+    debug: bool = False
+    version: bool = False
+    extra: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Args:
+    """Go `flag` style: -name value, -name=value, --name value; bool flags take no value."""
+    a = Args()
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("-") and tok != "-":
+            name, eq, value = tok.lstrip("-").partition("=")
+            if name in _BOOL_FLAGS:
+                on = value.lower() not in ("false", "0") if eq else True
+                if name == "debug":
+                    a.debug = on
+                else:
+                    a.version = on
+            elif name in _VALUE_FLAGS:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        raise SystemExit(f"flag needs an argument: -{name}")
+                    value = argv[i]
+                setattr(a, name.replace("-", "_"), value)
+            else:
+                raise SystemExit(f"flag provided but not defined: -{name}")
+        elif not a.action:
+            a.action = tok
+        else:
+            a.extra.append(tok)
+        i += 1
+    return a
+
+
+def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
+    if backend_factory is not None:
+        return backend_factory
+
+    def product(ctx: BackendContext):  # type: ignore[no-untyped-def]
+        module, _, attr = DEFAULT_BACKEND.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise Unavailable(f"VM sandbox backend not available: {exc}") from exc
+        return cls(ctx)
+
+    return product
+
+
+# --- start -----------------------------------------------------------------------------------
+
+def cmd_start(args: Args) -> int:
+    bundle = args.bundle or os.getcwd()
+    spec = bootstrap.read_bundle_spec(bundle)
+    group = bootstrap.group_id(spec, args.id)
+    path = args.socket.removeprefix("unix://") or bootstrap.socket_path(args.address, args.namespace, group)
+    address = f"unix://{path}"
+    sock = bootstrap.bind_or_reuse(path)
+    if sock is None:  # the group's shim is already serving
+        bootstrap.write_address(bundle, address)
+        print(address, end="")
+        return 0
+    raw_opts = b""
+    with contextlib.suppress(OSError, ValueError):
+        if not sys.stdin.isatty():
+            raw_opts = sys.stdin.buffer.read()
+    try:
+        config_path = convert.runtime_config_path(raw_opts) if raw_opts else ""
+    except Exception:  # noqa: BLE001 - garbage options: default config (stdout/stderr carry only the address)
+        config_path = ""
+    argv = [sys.argv[0], "-namespace", args.namespace, "-address", args.address,
+            "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", bundle,
+            "-group", group, "-config-path", config_path]
+    if args.debug:
+        argv.append("-debug")
+    argv.append("serve")
+    fd = sock.fileno()
+
+    def child_setup() -> None:
+        os.dup2(fd, LISTEN_FD)
+        os.set_inheritable(LISTEN_FD, True)
+
+    try:
+        exe = sys.argv[0] if os.access(sys.argv[0], os.X_OK) else sys.executable
+        cmd = argv if exe == sys.argv[0] else [sys.executable, "-m", "shim", *argv[1:]]
+        subprocess.Popen(cmd, cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, preexec_fn=child_setup, pass_fds=(LISTEN_FD,),
+                         start_new_session=True)
+        bootstrap.write_address(bundle, address)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    sock.close()
+    print(address, end="")
+    return 0
+
+
+# --- delete ----------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:
+    spec = bootstrap.read_bundle_spec(bundle)
+    group = bootstrap.group_id(spec, args.id)
+    sdir = persist.state_dir(group)
+    state = persist.load(sdir)
+    if state is not None and _pid_alive(state.shim_pid) and state.shim_pid != os.getpid() \
+            and args.id in state.containers:
+        log.info("delete %s: shim %d is alive and owns it; nothing to do", args.id, state.shim_pid)
+        return
+    ctx = BackendContext(namespace=args.namespace, sandbox_id=group, state_dir=str(sdir),
+                         config_path=args.config_path, debug=args.debug)
+    backend = factory(ctx)
+    await asyncio.wait_for(backend.cleanup_after_crash(args.id, bundle, state.backend if state else None), 4.5)
+    if state is not None and args.id in state.containers:
+        del state.containers[args.id]
+        if state.containers:
+            persist.save(sdir, state)
+            return
+    if state is None or not state.containers:
+        # No shim serves this group any more (it removes state.json only when it exits with
+        # no container left): the group's state dir (logs, sockets) goes too.
+        shutil.rmtree(sdir, ignore_errors=True)
+
+
+def cmd_delete(args: Args, factory: BackendFactory) -> int:
+    bundle = args.bundle or os.getcwd()
+    try:
+        from shim import rootfs
+
+        rootfs.unmount_all(Path(bundle) / "rootfs")
+        asyncio.run(_cleanup(args, factory, bundle))
+    except Exception:  # noqa: BLE001 - delete must answer; what failed is logged
+        log.exception("delete %s: cleanup failed", args.id)
+    resp = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
+    convert.datetime_to_ts(datetime.now(timezone.utc), resp.exited_at)
+    sys.stdout.buffer.write(resp.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> None:
+    from shim.events import EventPublisher
+    from shim.task_service import TaskService
+    from ttrpc import Server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGPIPE, lambda: None)
+    publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
+    publisher.start()
+    service = TaskService(namespace=args.namespace, sandbox_id=args.group or args.id,
+                          backend_factory=factory, publisher=publisher, config_path=args.config_path,
+                          ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""), debug=args.debug,
+                          on_shutdown=stop.set)
+    server = Server()
+    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
+    await server.start_unix(sock=sock)
+    path = sock.getsockname()
+    log.info("serving sandbox %s on %s (pid %d)", service.sandbox_id, path, os.getpid())
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+        await service.close()
+        await publisher.close()
+        if isinstance(path, str) and path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        log.info("shim exiting")
+
+
+def cmd_serve(args: Args, factory: BackendFactory) -> int:
+    sock = socket.socket(fileno=LISTEN_FD)
+    group = args.group or args.id
+    shim_log.setup(debug=args.debug, bundle_log=str(Path(args.bundle or ".") / "log"),
+                   log_file=persist.state_dir(group) / "shim.log")
+    asyncio.run(serve(args, factory, sock))
+    return 0
+
+
+def main(argv: list[str] | None = None, backend_factory: BackendFactory | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        print("containerd-shim-kata-colo-v2 (kata-colo) 0.1.0")
+        return 0
+    factory = _load_factory(backend_factory)
+    if args.action == "start":
+        return cmd_start(args)
+    if args.action == "delete":
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
+        return cmd_delete(args, factory)
+    if args.action == "serve":
+        return cmd_serve(args, factory)
+    print(f"usage: {sys.argv[0]} [flags] start|delete", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""A private containerd 1.6 per test module (own root/state/sockets under a temp dir) and
+helpers to drive it with ctr. Uses scripts/private_containerd.sh and scripts/make_oci_image.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_BIN = REPO / "tests" / "fakes" / "bin"
+IMAGE = "docker.io/library/busybox:kata-colo"
+RUNTIME = "io.containerd.kata-colo.v2"
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@dataclass
+class Containerd:
+    dir: Path
+    namespace: str = "default"
+
+    @property
+    def address(self) -> str:
+        return str(self.dir / "containerd.sock")
+
+    @property
+    def ttrpc_address(self) -> str:
+        return self.address + ".ttrpc"
+
+    def ctr(self, *args: str, input: bytes | None = None, timeout: float = 180, check: bool = True,
+            ) -> subprocess.CompletedProcess[bytes]:
+        cmd = ["ctr", "-a", self.address, "-n", self.namespace, *args]
+        res = subprocess.run(cmd, input=input, capture_output=True, timeout=timeout,
+                             stdin=None if input is not None else subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} → {res.returncode}\nstdout: {res.stdout!r}\n"
+                                 f"stderr: {res.stderr!r}\ncontainerd log:\n{self.log_tail()}")
+        return res
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join((self.dir / "containerd.log").read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def import_busybox(self, ref: str = IMAGE) -> str:
+        import make_oci_image
+
+        tar = self.dir / "busybox.tar"
+        if not tar.exists():
+            make_oci_image.build(str(tar), ref)
+        self.ctr("image", "import", str(tar))
+        return ref
+
+
+def start_containerd(path_prepend: list[str]) -> Containerd:
+    d = Path(tempfile.mkdtemp(prefix="kc-ctrd-", dir="/tmp"))
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([*path_prepend, os.path.dirname(sys.executable), env.get("PATH", "")])
+    subprocess.run(["bash", str(REPO / "scripts" / "private_containerd.sh"), "start", str(d)], env=env,
+                   check=True, timeout=60)
+    return Containerd(d)
+
+
+def stop_containerd(c: Containerd) -> None:
+    subprocess.run(["bash", str(REPO / "scripts" / "private_containerd.sh"), "stop", str(c.dir)], timeout=60)
+    shutil.rmtree(c.dir, ignore_errors=True)
+
+
+def shim_processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "containerd-shim-kata-colo-v2"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line]
+
+
+@pytest.fixture(scope="module")
+def fake_containerd():
+    """containerd whose kata-colo runtime is the real shim CLI with the TEST host backend."""
+    if shutil.which("containerd") is None or os.geteuid() != 0:
+        pytest.skip("needs root and Debian's containerd")
+    c = start_containerd([str(FAKE_BIN)])
+    c.import_busybox()
+    yield c
+    stop_containerd(c)
