@@ -5,7 +5,8 @@ The task service (:mod:`shim.task_service`) owns the *shim semantics* that conta
 order, persistence of the shim's own state). A :class:`Backend` owns the *mechanism*: building
 the sandbox, creating/starting/signalling processes and reporting how they ended. The product
 backend is ``shim.sandbox:SandboxBackend`` (one VM per sandbox); tests plug in
-``tests.fakes.host_backend:HostBackend`` (plain host processes).
+``tests.fakes.host_backend:HostBackend`` /
+``tests.fakes.host_process_backend:HostProcessBackend`` (plain host processes).
 
 Rules every backend follows:
 
@@ -16,9 +17,9 @@ Rules every backend follows:
   ``create``/``start``/``delete`` for the same process concurrently.
 * ``wait`` is called at most once per process (by the task service's exit watcher) and must
   return the exit even if the process exited before ``wait`` was called.
-* The backend mounts ``opts.rootfs`` on ``<bundle>/rootfs`` itself (``shim.rootfs.mount_rootfs``;
-  a VM backend may prefer to hot-plug a block device instead) and undoes it in ``delete`` /
-  ``cleanup_after_crash``. ``Mount`` here has the same fields as ``shim.rootfs.Mount``.
+* The task service mounts ``opts.rootfs`` on ``<bundle>/rootfs`` before ``create`` (as runc's
+  shim does) and unmounts it after the init process's ``delete``; the mounts are passed for
+  information (a VM backend may prefer to hot-plug the block device instead).
 """
 from __future__ import annotations
 

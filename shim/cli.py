@@ -153,15 +153,15 @@ def cmd_start(args: Args) -> int:
 # --- delete ----------------------------------------------------------------------------------
 
 def _pid_alive(pid: int) -> bool:
+    """A running (not zombie) process. A killed shim re-parented to a pid 1 that reaps late
+    stays a zombie for a while: it serves nothing and must count as dead here."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:

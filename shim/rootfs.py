@@ -8,6 +8,7 @@ undone by :func:`unmount_all` / :meth:`SharedFs.unshare`, also from ``delete`` a
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -102,6 +103,29 @@ class SharedFs(Protocol):
     tag: str
 
     def share_rootfs(self, container_id: str, host_rootfs: Path) -> str: ...
+    def share_path(self, source: str, name: str) -> str:
+        """Bind a host file or directory (CRI's /etc/hosts, volumes) into the share as ``name``."""
+        if "/" in name or not _ID.match(name):
+            raise InvalidArgument(f"invalid share name {name!r}")
+        target = self.host_dir / name
+        if os.path.isdir(source):
+            target.mkdir(exist_ok=True)
+        elif not target.exists():
+            target.touch()
+        if not is_mountpoint(target):
+            _mount(source, str(target), "", MS_BIND | MS_REC, "")
+        return f"{GUEST_SHARED_DIR}/{name}"
+
+    def unshare_path(self, name: str) -> None:
+        target = self.host_dir / name
+        while is_mountpoint(target):
+            umount(target)
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+
     def unshare(self, container_id: str) -> None: ...
     def cleanup(self) -> None: ...
 
@@ -125,6 +149,29 @@ class Virtio9pShare:
             _mount(str(host_rootfs), str(target), "", MS_BIND | MS_REC, "")
         return f"{GUEST_SHARED_DIR}/{container_id}/rootfs"
 
+    def share_path(self, source: str, name: str) -> str:
+        """Bind a host file or directory (CRI's /etc/hosts, volumes) into the share as ``name``."""
+        if "/" in name or not _ID.match(name):
+            raise InvalidArgument(f"invalid share name {name!r}")
+        target = self.host_dir / name
+        if os.path.isdir(source):
+            target.mkdir(exist_ok=True)
+        elif not target.exists():
+            target.touch()
+        if not is_mountpoint(target):
+            _mount(source, str(target), "", MS_BIND | MS_REC, "")
+        return f"{GUEST_SHARED_DIR}/{name}"
+
+    def unshare_path(self, name: str) -> None:
+        target = self.host_dir / name
+        while is_mountpoint(target):
+            umount(target)
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+
     def unshare(self, container_id: str) -> None:
         check_id(container_id, "container id")
         base = self.host_dir / container_id
@@ -137,8 +184,10 @@ class Virtio9pShare:
         if not self.host_dir.exists():
             return
         for child in self.host_dir.iterdir():
-            if _ID.match(child.name):
+            if child.is_dir() and (child / "rootfs").exists():
                 self.unshare(child.name)
+            else:
+                self.unshare_path(child.name)
         shutil.rmtree(self.host_dir, ignore_errors=True)
 
 

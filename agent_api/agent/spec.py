@@ -1,0 +1,143 @@
+"""kata's protobuf ``grpc.Spec`` → OCI runtime-spec JSON (config.json) for runc in the guest.
+
+Field names follow the OCI JSON tags: lower-case the first letter of the protobuf name, except
+for the few in :data:`_JSON_NAMES`. Zero values are omitted (proto3 has no presence), except the
+fields OCI requires (:data:`_ALWAYS`). Guest adaptation (:func:`adapt_for_guest`): hooks,
+AppArmor/SELinux labels and host namespace paths are dropped, the root path is validated to
+stay under the shared dir and the cgroup path is put under the agent's cgroup parent.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from google.protobuf.message import Message
+
+from agent_api.agent.validate import check_args, path_within
+from proto.kata import oci_pb2
+from shim.errors import InvalidArgument
+
+_JSON_NAMES = {
+    "Version": "ociVersion",
+    "UID": "uid",
+    "GID": "gid",
+    "OOMScoreAdj": "oomScoreAdj",
+    "UIDMappings": "uidMappings",
+    "GIDMappings": "gidMappings",
+    "CPU": "cpu",
+    "Pagesize": "pageSize",
+    "errnoret": "errnoRet",
+    "L3CacheSchema": "l3CacheSchema",
+}
+# (message full name, field name) emitted even when zero
+_ALWAYS = {
+    ("grpc.User", "UID"), ("grpc.User", "GID"),
+    ("grpc.LinuxDeviceCgroup", "Allow"),
+    ("grpc.LinuxDevice", "Major"), ("grpc.LinuxDevice", "Minor"),
+    ("grpc.LinuxIDMapping", "HostID"), ("grpc.LinuxIDMapping", "ContainerID"),
+    ("grpc.LinuxIDMapping", "Size"),
+    ("grpc.POSIXRlimit", "Hard"), ("grpc.POSIXRlimit", "Soft"),
+    ("grpc.LinuxSeccompArg", "Index"), ("grpc.LinuxSeccompArg", "Value"),
+}
+# messages skipped entirely (host-side features or other platforms)
+_SKIP = {("grpc.Spec", "Hooks"), ("grpc.Spec", "Solaris"), ("grpc.Spec", "Windows")}
+# guest namespaces a container may not keep a host path for: it shares the guest's instead
+_SHARE_WITH_GUEST = {"network", "ipc", "uts", "pid", "cgroup", "mount", "user"}
+
+
+def json_name(field: str) -> str:
+    return _JSON_NAMES.get(field) or field[:1].lower() + field[1:]
+
+
+def to_json(msg: Message) -> dict[str, Any]:
+    """Generic protobuf → OCI JSON dict walk (see module doc for the naming rules)."""
+    out: dict[str, Any] = {}
+    full = msg.DESCRIPTOR.full_name
+    present = {fd.name: value for fd, value in msg.ListFields()}
+    for fd in msg.DESCRIPTOR.fields:
+        if (full, fd.name) in _SKIP:
+            continue
+        name = json_name(fd.name)
+        if fd.name not in present:
+            if (full, fd.name) in _ALWAYS:
+                out[name] = getattr(msg, fd.name)
+            continue
+        value = present[fd.name]
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            out[name] = dict(value)
+        elif fd.is_repeated:
+            if fd.message_type is not None:
+                out[name] = [to_json(v) for v in value]
+            else:
+                out[name] = list(value)
+        elif fd.message_type is not None:
+            out[name] = to_json(value)
+        else:
+            out[name] = value
+    if full == "grpc.LinuxDeviceCgroup":
+        # kata encodes "any" major/minor as -1 (Go nil); OCI omits them
+        for key in ("major", "minor"):
+            if key in out and out[key] < 0:
+                del out[key]
+    return out
+
+
+def process_to_json(proc: oci_pb2.Process) -> dict[str, Any]:
+    data = to_json(proc)
+    data["args"] = check_args(list(proc.Args))
+    data.setdefault("cwd", "/")
+    if not data["cwd"].startswith("/"):
+        raise InvalidArgument(f"process cwd {proc.Cwd!r} is not absolute")
+    data.setdefault("user", {"uid": 0, "gid": 0})
+    data.pop("apparmorProfile", None)
+    data.pop("selinuxLabel", None)
+    return data
+
+
+def _is_bind(mount: dict[str, Any]) -> bool:
+    return mount.get("type") == "bind" or any(o in ("bind", "rbind") for o in mount.get("options", []))
+
+
+def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
+                    cgroup_parent: str) -> dict[str, Any]:
+    """Build config.json for container ``container_id`` from kata's protobuf spec."""
+    if not spec.HasField("Process"):
+        raise InvalidArgument("OCI spec has no process")
+    cfg = to_json(spec)
+    cfg.setdefault("ociVersion", "1.0.2")
+    cfg["process"] = process_to_json(spec.Process)
+
+    default_root = os.path.join(shared_dir, container_id, "rootfs")
+    root_path = spec.Root.Path if spec.HasField("Root") else ""
+    if not root_path or not os.path.isabs(root_path):
+        root_path = default_root
+    root_path = path_within(root_path, shared_dir)
+    cfg["root"] = {"path": root_path, "readonly": bool(spec.Root.Readonly)}
+
+    mounts = cfg.get("mounts", [])
+    for m in mounts:
+        if not m.get("destination", "").startswith("/"):
+            raise InvalidArgument(f"mount destination {m.get('destination')!r} is not absolute")
+        if _is_bind(m):
+            m["source"] = path_within(m.get("source", ""), shared_dir)
+    cfg["mounts"] = mounts
+
+    linux = cfg.setdefault("linux", {})
+    namespaces = []
+    for ns in linux.get("namespaces", []):
+        if ns.get("path"):
+            if ns.get("type") not in _SHARE_WITH_GUEST:
+                raise InvalidArgument(f"unknown namespace type {ns.get('type')!r}")
+            continue  # a host path means "share the sandbox's": in the VM that is the guest's
+        if ns.get("type") == "network":
+            continue  # containers use the VM's network
+        namespaces.append(ns)
+    linux["namespaces"] = namespaces
+    linux["cgroupsPath"] = f"{cgroup_parent.rstrip('/')}/{container_id}"
+    linux.pop("mountLabel", None)
+    return cfg
+
+
+def resources_to_json(res: oci_pb2.LinuxResources) -> dict[str, Any]:
+    """LinuxResources for ``runc update --resources -``."""
+    return to_json(res)

@@ -1,0 +1,81 @@
+"""`ctr run` → first output (cold, a new VM each time) against the floor: the same kernel and
+image booted by the QEMU driver alone until the guest agent answers Health.Check."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = int(os.environ.get("KC_BENCH_ROUNDS", "3"))
+
+
+async def _floor_once() -> float:
+    from agent_api.client import AgentClient
+    from hypervisor.qemu.driver import QemuHypervisor
+    from shim import config
+    from shim.guest import agent_url
+    from shim.sandbox import vm_config
+
+    d = Path(tempfile.mkdtemp(prefix="kc-floor-", dir="/run"))
+    try:
+        (d / "shared").mkdir()
+        vmcfg = vm_config(config.load(), d.name, d / "vm", "kataShared", d / "shared")
+        hv = QemuHypervisor()
+        t0 = time.monotonic()
+        await hv.prepare(vmcfg)
+        await hv.start(timeout=120)
+        client = AgentClient(agent_url(hv.agent_address()))
+        await client.wait_ready(120)
+        elapsed = time.monotonic() - t0
+        await client.close()
+        await hv.stop()
+        await hv.cleanup()
+        return elapsed
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _ctr_run_once(address: str, name: str) -> float:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(["ctr", "-a", address, "run", "--rm", "--runtime", "io.containerd.kata-colo.v2",
+                             "docker.io/library/busybox:kata-colo", name, "echo", "first-output"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    elapsed = time.monotonic() - t0
+    proc.wait(timeout=120)
+    if b"first-output" not in line:
+        raise RuntimeError(f"unexpected output {line!r}: {proc.stderr.read() if proc.stderr else ''}")
+    return elapsed
+
+
+def main() -> None:
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests" / "e2e"))
+    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+
+    floors = [asyncio.run(_floor_once()) for _ in range(ROUNDS)]
+    shim_dir = product_shim_dir()
+    c = start_containerd([shim_dir])
+    try:
+        c.import_busybox()
+        runs = [_ctr_run_once(c.address, f"kc-bench-{i}") for i in range(ROUNDS)]
+    finally:
+        stop_containerd(c)
+        shutil.rmtree(shim_dir, ignore_errors=True)
+    f, r = statistics.median(floors), statistics.median(runs)
+    print(f"floor  (qemu start → agent ready, same kernel+image): median {f:.2f}s  {['%.2f' % x for x in floors]}")
+    print(f"kata-colo (ctr run --rm → first output, cold):        median {r:.2f}s  {['%.2f' % x for x in runs]}")
+    print(f"ratio ctr-run / floor: {r / f:.2f}x  (overhead {r - f:.2f}s: containerd, shim start, "
+          f"sandbox + container create in the guest)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The sandbox's view of the guest agent: plain values in, kata protobufs on the wire.
+
+Wraps :class:`agent_api.client.AgentClient` (which owns transports and the per-RPC timeout
+table). Translates OCI JSON (as containerd writes it) to kata's protobuf ``grpc.Spec`` /
+``grpc.Process`` / ``grpc.LinuxResources`` using the same field naming as the agent's reverse
+conversion, and kata's StatsContainerResponse to the shim's :class:`Stats`.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Mapping
+
+from google.protobuf.message import Message
+
+from agent_api.agent.spec import json_name
+from agent_api.client import AgentClient
+from hypervisor.base import AgentAddress
+from proto.kata import agent_pb2, oci_pb2
+from shim.backend import Stats
+from shim.errors import AgentError, InvalidArgument, KataColoError
+from shim.rootfs import GUEST_SHARED_DIR
+
+NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "cache=mmap", "msize=512000")
+
+
+def from_json(data: Mapping[str, Any], msg: Message, where: str = "spec") -> Message:
+    """OCI JSON → kata protobuf, field by field (unknown JSON keys are features kata's proto
+    does not carry and are ignored)."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"invalid OCI spec: {where} must be an object")
+    for fd in msg.DESCRIPTOR.fields:
+        key = json_name(fd.name)
+        if key not in data or data[key] is None:
+            continue
+        value = data[key]
+        here = f"{where}.{key}"
+        if fd.is_repeated and not (fd.message_type is not None and fd.message_type.GetOptions().map_entry) \
+                and not isinstance(value, list):
+            raise InvalidArgument(f"invalid OCI spec: {here} must be a list")
+        try:
+            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                getattr(msg, fd.name).update({str(k): str(v) for k, v in dict(value).items()})
+            elif fd.is_repeated and fd.message_type is not None:
+                for item in value:
+                    from_json(item, getattr(msg, fd.name).add(), here)
+            elif fd.is_repeated:
+                getattr(msg, fd.name).extend(value)
+            elif fd.message_type is not None:
+                from_json(value, getattr(msg, fd.name), here)
+            else:
+                setattr(msg, fd.name, value)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InvalidArgument(f"invalid OCI spec: {here}: {exc}") from None
+    if msg.DESCRIPTOR.full_name == "grpc.LinuxDeviceCgroup":
+        for key, name in (("major", "Major"), ("minor", "Minor")):
+            if key not in data:
+                setattr(msg, name, -1)  # kata's encoding of "any"
+    return msg
+
+
+def stats_from_pb(resp: agent_pb2.StatsContainerResponse) -> Stats:
+    cg = resp.cgroup_stats
+    cpu, mem, pids = cg.cpu_stats.cpu_usage, cg.memory_stats, cg.pids_stats
+    extra = dict(mem.stats)
+    return Stats(
+        cpu_usage_ns=cpu.total_usage, cpu_user_ns=cpu.usage_in_usermode, cpu_kernel_ns=cpu.usage_in_kernelmode,
+        memory_usage=mem.usage.usage, memory_limit=mem.usage.limit, memory_rss=extra.get("anon", extra.get("rss", 0)),
+        memory_cache=mem.cache or extra.get("file", 0),
+        memory_inactive_file=extra.get("inactive_file", extra.get("total_inactive_file", 0)),
+        pg_fault=extra.get("pgfault", 0), pg_maj_fault=extra.get("pgmajfault", 0),
+        pids_current=pids.current, pids_limit=pids.limit)
+
+
+def agent_url(addr: AgentAddress) -> str:
+    if addr.transport == "virtio-serial":
+        return f"unix://{addr.path}"
+    if addr.transport == "vsock":
+        return f"vsock://{addr.cid}:{addr.port}"
+    return f"hvsock://{addr.path}:{addr.port}"
+
+
+class GuestAgent:
+    def __init__(self, address: AgentAddress) -> None:
+        self.client = AgentClient(agent_url(address))
+
+    async def connect(self, timeout: float, vm_gone: asyncio.Event) -> None:
+        """Wait for the agent to answer Health.Check, giving up early if the VM dies."""
+        ready = asyncio.ensure_future(self.client.wait_ready(timeout))
+        gone = asyncio.ensure_future(vm_gone.wait())
+        try:
+            done, _ = await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if ready not in done:
+            ready.cancel()
+            raise AgentError("the VM exited before its agent answered")
+        try:
+            ready.result()
+        except KataColoError as exc:
+            raise AgentError(f"guest agent not ready after {timeout:.0f}s: {exc}") from None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def create_sandbox(self, sandbox_id: str, *, hostname: str, share_tag: str) -> None:
+        storage = agent_pb2.Storage(driver="9p", source=share_tag, fstype="9p", options=list(NINEP_OPTIONS),
+                                    mount_point=GUEST_SHARED_DIR)
+        await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=[storage])
+
+    async def create_container(self, container_id: str, spec: dict[str, Any]) -> None:
+        await self.client.create_container(container_id, from_json(spec, oci_pb2.Spec()))
+
+    async def start_container(self, container_id: str) -> None:
+        await self.client.start_container(container_id)
+
+    async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> None:
+        await self.client.exec_process(container_id, exec_id, from_json(process, oci_pb2.Process(), "process"))
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int, all_processes: bool = False) -> None:
+        await self.client.signal_process(container_id, exec_id, signal)
+
+    async def wait_process(self, container_id: str, exec_id: str) -> int:
+        return await self.client.wait_process(container_id, exec_id)
+
+    async def read_stdout(self, container_id: str, exec_id: str, size: int) -> bytes:
+        return await self.client.read_stdout(container_id, exec_id, size)
+
+    async def read_stderr(self, container_id: str, exec_id: str, size: int) -> bytes:
+        return await self.client.read_stderr(container_id, exec_id, size)
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = await self.client.write_stdin(container_id, exec_id, bytes(view))
+            view = view[n or len(view):]
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        await self.client.close_stdin(container_id, exec_id)
+
+    async def resize_tty(self, container_id: str, exec_id: str, width: int, height: int) -> None:
+        await self.client.tty_win_resize(container_id, exec_id, rows=height, columns=width)
+
+    async def remove_container(self, container_id: str) -> None:
+        await self.client.remove_container(container_id)
+
+    async def pause_container(self, container_id: str) -> None:
+        await self.client.pause_container(container_id)
+
+    async def resume_container(self, container_id: str) -> None:
+        await self.client.resume_container(container_id)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        await self.client.update_container(container_id,
+                                           from_json(resources, oci_pb2.LinuxResources(), "resources"))
+
+    async def stats(self, container_id: str) -> Stats:
+        return stats_from_pb(await self.client.stats_container(container_id))
+
+    async def next_oom(self) -> str:
+        return await self.client.get_oom_event()
