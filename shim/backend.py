@@ -5,7 +5,6 @@ The task service (:mod:`shim.task_service`) owns the *shim semantics* that conta
 order, persistence of the shim's own state). A :class:`Backend` owns the *mechanism*: building
 the sandbox, creating/starting/signalling processes and reporting how they ended. The product
 backend is ``shim.sandbox:SandboxBackend`` (one VM per sandbox); tests plug in
-``tests.fakes.host_backend:HostBackend`` /
 ``tests.fakes.host_process_backend:HostProcessBackend`` (plain host processes).
 
 Rules every backend follows:

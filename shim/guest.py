@@ -1,61 +1,24 @@
 """The sandbox's view of the guest agent: plain values in, kata protobufs on the wire.
 
 Wraps :class:`agent_api.client.AgentClient` (which owns transports and the per-RPC timeout
-table). Translates OCI JSON (as containerd writes it) to kata's protobuf ``grpc.Spec`` /
-``grpc.Process`` / ``grpc.LinuxResources`` using the same field naming as the agent's reverse
-conversion, and kata's StatsContainerResponse to the shim's :class:`Stats`.
+table). OCI JSON (as containerd writes it) becomes kata's protobuf ``grpc.Spec`` / ``grpc.Process`` /
+``grpc.LinuxResources`` through :mod:`agent_api.ocispec`; kata's StatsContainerResponse becomes
+the shim's :class:`Stats`.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Any, Mapping
 
-from google.protobuf.message import Message
-
-from agent_api.agent.spec import json_name
 from agent_api.client import AgentClient
+from agent_api.ocispec import process_from_oci, resources_from_oci, spec_from_oci
 from hypervisor.base import AgentAddress
-from proto.kata import agent_pb2, oci_pb2
+from proto.kata import agent_pb2
 from shim.backend import Stats
-from shim.errors import AgentError, InvalidArgument, KataColoError
+from shim.errors import AgentError, KataColoError
 from shim.rootfs import GUEST_SHARED_DIR
 
 NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "cache=mmap", "msize=512000")
-
-
-def from_json(data: Mapping[str, Any], msg: Message, where: str = "spec") -> Message:
-    """OCI JSON → kata protobuf, field by field (unknown JSON keys are features kata's proto
-    does not carry and are ignored)."""
-    if not isinstance(data, Mapping):
-        raise InvalidArgument(f"invalid OCI spec: {where} must be an object")
-    for fd in msg.DESCRIPTOR.fields:
-        key = json_name(fd.name)
-        if key not in data or data[key] is None:
-            continue
-        value = data[key]
-        here = f"{where}.{key}"
-        if fd.is_repeated and not (fd.message_type is not None and fd.message_type.GetOptions().map_entry) \
-                and not isinstance(value, list):
-            raise InvalidArgument(f"invalid OCI spec: {here} must be a list")
-        try:
-            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-                getattr(msg, fd.name).update({str(k): str(v) for k, v in dict(value).items()})
-            elif fd.is_repeated and fd.message_type is not None:
-                for item in value:
-                    from_json(item, getattr(msg, fd.name).add(), here)
-            elif fd.is_repeated:
-                getattr(msg, fd.name).extend(value)
-            elif fd.message_type is not None:
-                from_json(value, getattr(msg, fd.name), here)
-            else:
-                setattr(msg, fd.name, value)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise InvalidArgument(f"invalid OCI spec: {here}: {exc}") from None
-    if msg.DESCRIPTOR.full_name == "grpc.LinuxDeviceCgroup":
-        for key, name in (("major", "Major"), ("minor", "Minor")):
-            if key not in data:
-                setattr(msg, name, -1)  # kata's encoding of "any"
-    return msg
 
 
 def stats_from_pb(resp: agent_pb2.StatsContainerResponse) -> Stats:
@@ -108,13 +71,13 @@ class GuestAgent:
         await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=[storage])
 
     async def create_container(self, container_id: str, spec: dict[str, Any]) -> None:
-        await self.client.create_container(container_id, from_json(spec, oci_pb2.Spec()))
+        await self.client.create_container(container_id, spec_from_oci(spec))
 
     async def start_container(self, container_id: str) -> None:
         await self.client.start_container(container_id)
 
     async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> None:
-        await self.client.exec_process(container_id, exec_id, from_json(process, oci_pb2.Process(), "process"))
+        await self.client.exec_process(container_id, exec_id, process_from_oci(process))
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int, all_processes: bool = False) -> None:
         await self.client.signal_process(container_id, exec_id, signal)
@@ -150,8 +113,7 @@ class GuestAgent:
         await self.client.resume_container(container_id)
 
     async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
-        await self.client.update_container(container_id,
-                                           from_json(resources, oci_pb2.LinuxResources(), "resources"))
+        await self.client.update_container(container_id, resources_from_oci(resources))
 
     async def stats(self, container_id: str) -> Stats:
         return stats_from_pb(await self.client.stats_container(container_id))

@@ -124,7 +124,38 @@ def kernel_package() -> str:
     return m.group(1)
 
 
+def apt_state() -> str:
+    """Signature of everything that decides apt's candidates (lists, sources, pins, dpkg status)."""
+    h = hashlib.sha256(f"{KERNEL_META} {USER_PACKAGES}".encode())
+    for d in ["/var/lib/apt/lists", "/etc/apt/sources.list.d", "/etc/apt/preferences.d"]:
+        for f in sorted(Path(d).glob("*")) if os.path.isdir(d) else []:
+            if f.is_file() and f.name != "lock":
+                st = f.stat()
+                h.update(f"{f} {st.st_mtime_ns} {st.st_size}\n".encode())
+    for f in ["/etc/apt/sources.list", "/etc/apt/preferences", "/var/lib/dpkg/status"]:
+        if os.path.exists(f):
+            st = os.stat(f)
+            h.update(f"{f} {st.st_mtime_ns} {st.st_size}\n".encode())
+    return h.hexdigest()
+
+
 def resolve_packages() -> dict[str, str]:
+    """Package -> candidate version; cached against apt_state() (apt-cache costs ~3 s)."""
+    cache = IMAGE_DIR / ".resolved.json"
+    state = apt_state()
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("apt_state") == state:
+            return cached["packages"]
+    except (OSError, ValueError, KeyError):
+        pass
+    pkgs = resolve_packages_apt()
+    if apt_state() == state:  # unless `apt-get update` ran meanwhile
+        cache.write_text(json.dumps({"apt_state": state, "packages": pkgs}) + "\n")
+    return pkgs
+
+
+def resolve_packages_apt() -> dict[str, str]:
     ensure_apt_lists()
     names = [kernel_package(), *USER_PACKAGES]
     out = subprocess.run(["apt-cache", "policy", *names], capture_output=True, text=True,
@@ -304,6 +335,7 @@ def is_elf(p: Path) -> bool:
 def check_needed(root: Path) -> list[str]:
     """Every DT_NEEDED of every ELF in root must resolve inside root (multiarch dirs)."""
     if not shutil.which("readelf"):
+        say("  readelf (binutils) not installed: shared-library check skipped")
         return []
     have = set()
     for d in ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib"]:

@@ -24,11 +24,12 @@ HOSTNAME_MAX = 64
 
 
 def mount_options(options: list[str]) -> tuple[int, str]:
-    """fstab-style options → (MS_* flags, data string)."""
+    """fstab-style options → (MS_* flags, data string). An entry may hold several
+    comma-separated options: kata's runtime sends 9p's as "trans=virtio,version=9p2000.L,cache=mmap"."""
     flags = 0
     data = []
-    for opt in options:
-        if "," in opt or "\x00" in opt:
+    for opt in (o for entry in options for o in entry.split(",")):
+        if not opt or "\x00" in opt or len(opt) > 256:
             raise InvalidArgument(f"invalid mount option {opt!r}")
         if opt in MS_FLAGS:
             flags |= MS_FLAGS[opt]

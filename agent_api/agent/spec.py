@@ -43,6 +43,9 @@ _ALWAYS = {
 _SKIP = {("grpc.Spec", "Hooks"), ("grpc.Spec", "Solaris"), ("grpc.Spec", "Windows")}
 # guest namespaces a container may not keep a host path for: it shares the guest's instead
 _SHARE_WITH_GUEST = {"network", "ipc", "uts", "pid", "cgroup", "mount", "user"}
+# ...except these, which get a new namespace instead (pid: the agent and every pod process
+# would be visible and killable; mount: the container's mounts would land in the guest's)
+_NEVER_GUEST = {"pid", "mount"}
 
 
 def json_name(field: str) -> str:
@@ -128,6 +131,9 @@ def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
         if ns.get("path"):
             if ns.get("type") not in _SHARE_WITH_GUEST:
                 raise InvalidArgument(f"unknown namespace type {ns.get('type')!r}")
+            if ns["type"] in _NEVER_GUEST:
+                # the guest's pid/mount namespace holds the agent: never let a container in
+                namespaces.append({"type": ns["type"]})
             continue  # a host path means "share the sandbox's": in the VM that is the guest's
         if ns.get("type") == "network":
             continue  # containers use the VM's network

@@ -138,3 +138,17 @@ def test_zero_values_come_back_omitted() -> None:
     out = spec_to_oci(spec)
     assert out["linux"]["devices"] == [{"path": "/dev/null", "type": "c", "major": 1, "minor": 3}]
     assert "memory" not in out["linux"]["resources"] or out["linux"]["resources"]["memory"] == {}
+
+
+def test_host_pid_and_mount_namespace_paths_become_new_namespaces() -> None:
+    """CRI hands containers /proc/<sandbox pid>/ns/* paths; in the guest those must not turn
+    into the agent's own pid/mount namespaces."""
+    cfg = copy.deepcopy(CONFIG)
+    cfg["root"]["path"] = "/run/kata-containers/shared/containers/c2/rootfs"
+    cfg["linux"]["namespaces"] = [
+        {"type": "pid", "path": "/proc/42/ns/pid"}, {"type": "mount", "path": "/proc/42/ns/mnt"},
+        {"type": "ipc", "path": "/proc/42/ns/ipc"}, {"type": "uts", "path": "/proc/42/ns/uts"},
+        {"type": "network", "path": "/var/run/netns/cni-1"}]
+    out = adapt_for_guest(spec_from_oci(cfg), container_id="c2",
+                          shared_dir="/run/kata-containers/shared/containers", cgroup_parent="/kc")
+    assert out["linux"]["namespaces"] == [{"type": "pid"}, {"type": "mount"}]

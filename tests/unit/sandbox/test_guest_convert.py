@@ -4,7 +4,8 @@ import pytest
 
 from agent_api.agent.spec import to_json
 from shim.errors import InvalidArgument
-from shim.guest import from_json, stats_from_pb
+from agent_api.ocispec import spec_from_oci
+from shim.guest import stats_from_pb
 
 SPEC = {
     "ociVersion": "1.0.2-dev",
@@ -26,7 +27,7 @@ SPEC = {
 
 
 def test_spec_round_trips_through_kata_protobuf():
-    pb = from_json(SPEC, oci_pb2.Spec())
+    pb = spec_from_oci(SPEC)
     assert pb.Process.Args == ["sh", "-c", "echo hi"]
     assert pb.Linux.Resources.Memory.Limit == 268435456
     back = to_json(oci_pb2.Spec.FromString(pb.SerializeToString()))
@@ -40,11 +41,12 @@ def test_spec_round_trips_through_kata_protobuf():
     assert back["process"]["rlimits"] == SPEC["process"]["rlimits"]
 
 
-@pytest.mark.parametrize("bad", [{"process": "x"}, {"process": {"args": "sh"}}, {"hostname": 5},
-                                 {"linux": {"resources": {"memory": {"limit": "lots"}}}}])
-def test_wrong_types_are_invalid_argument(bad):
-    with pytest.raises(InvalidArgument, match="invalid OCI spec"):
-        from_json(bad, oci_pb2.Spec())
+@pytest.mark.parametrize("bad, field", [({"process": "x"}, "process"), ({"process": {"args": "sh"}}, "process.args"),
+                                        ({"hostname": 5}, "hostname"),
+                                        ({"linux": {"resources": {"memory": {"limit": "lots"}}}}, "limit")])
+def test_wrong_types_are_invalid_argument(bad, field):
+    with pytest.raises(InvalidArgument, match=field):
+        spec_from_oci(bad)
 
 
 def test_stats_mapping():
