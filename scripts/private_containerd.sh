@@ -36,7 +36,7 @@ stop)
     kill -9 "$pid" 2>/dev/null || true
   fi
   # containerd leaves its snapshot mounts when killed; release them before removing the dir.
-  grep -o " $dir/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  { grep -o " $dir/[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   rm -rf "$dir" ;;
 *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
 esac
