@@ -184,8 +184,13 @@ async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:
             return
     if state is None or not state.containers:
         # No shim serves this group any more (it removes state.json only when it exits with
-        # no container left): the group's state dir (logs, sockets) goes too.
+        # no container left): the group's state dir (logs, sockets) goes too, and so does the
+        # listening socket a killed shim could not remove.
         shutil.rmtree(sdir, ignore_errors=True)
+        sock = bootstrap.socket_path(args.address, args.namespace, group)
+        if os.path.exists(sock) and not bootstrap.is_serving(sock, timeout=0.5):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
 
 
 def cmd_delete(args: Args, factory: BackendFactory) -> int:

@@ -22,10 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
 def test_our_ttrpc_client_publishes_an_event_containerd_accepts(fake_containerd):
     c = fake_containerd
     events = subprocess.Popen(["ctr", "-a", c.address, "events"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT)
     try:
-        time.sleep(0.5)
-
         async def publish():
             client = await Client.connect_unix(c.ttrpc_address, timeout=5)
             req = ttrpc_pb2.ForwardRequest()
@@ -39,15 +37,19 @@ def test_our_ttrpc_client_publishes_an_event_containerd_accepts(fake_containerd)
                               timeout=5)
             await client.close()
 
-        asyncio.run(publish())
-        deadline = time.monotonic() + 10
-        seen = ""
+        # `ctr events` subscribes asynchronously: publish until the subscriber has seen one
+        # (each publish is a complete Forward round trip that containerd acknowledged).
         import os
         os.set_blocking(events.stdout.fileno(), False)
+        deadline = time.monotonic() + 20
+        seen = ""
         while time.monotonic() < deadline and "kc-interop-probe" not in seen:
-            chunk = events.stdout.read() or ""
-            seen += chunk
-            time.sleep(0.1)
+            asyncio.run(publish())
+            for _ in range(10):
+                seen += (events.stdout.read() or b"").decode(errors="replace")
+                if "kc-interop-probe" in seen:
+                    break
+                time.sleep(0.1)
         assert "/tasks/oom" in seen and "kc-interop-probe" in seen, seen
     finally:
         events.kill()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.bootstrap import socket_path
 from tests.e2e.conftest import IMAGE, RUNTIME, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
@@ -33,7 +34,7 @@ def assert_nothing_left(c, sandbox_id: str, timeout: float = 20) -> None:
             "qemu": qemu_pids(sandbox_id),
             "state": (STATE_ROOT / sandbox_id).exists(),
             "mounts": [l for l in Path("/proc/self/mounts").read_text().splitlines() if f"/{sandbox_id}/" in l],
-            "shim": shim_processes(str(c.dir)) if sandbox_id.startswith("kc-e2e-solo") else [],
+            "shim socket": [p for p in [socket_path(c.address, "default", sandbox_id)] if os.path.exists(p)],
         }
         if not any(leftovers.values()):
             return
