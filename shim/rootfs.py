@@ -103,29 +103,8 @@ class SharedFs(Protocol):
     tag: str
 
     def share_rootfs(self, container_id: str, host_rootfs: Path) -> str: ...
-    def share_path(self, source: str, name: str) -> str:
-        """Bind a host file or directory (CRI's /etc/hosts, volumes) into the share as ``name``."""
-        if "/" in name or not _ID.match(name):
-            raise InvalidArgument(f"invalid share name {name!r}")
-        target = self.host_dir / name
-        if os.path.isdir(source):
-            target.mkdir(exist_ok=True)
-        elif not target.exists():
-            target.touch()
-        if not is_mountpoint(target):
-            _mount(source, str(target), "", MS_BIND | MS_REC, "")
-        return f"{GUEST_SHARED_DIR}/{name}"
-
-    def unshare_path(self, name: str) -> None:
-        target = self.host_dir / name
-        while is_mountpoint(target):
-            umount(target)
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                target.unlink()
-
+    def share_path(self, source: str, name: str) -> str: ...
+    def unshare_path(self, name: str) -> None: ...
     def unshare(self, container_id: str) -> None: ...
     def cleanup(self) -> None: ...
 
