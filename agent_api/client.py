@@ -1,4 +1,5 @@
-"""AgentClient: typed async calls to the guest agent (kata's grpc.AgentService + grpc.Health).
+"""AgentClient: typed async calls to the guest agent (kata's grpc.AgentService + grpc.Health,
+plus kata-colo's kata_colo.v1.Colo extension).
 
 Grouped like kata's agent interface: sandbox, network, containers, processes, io, health. Every
 RPC's deadline comes from the one table :data:`TIMEOUTS` (None = wait as long as it takes: the
@@ -16,11 +17,13 @@ from google.protobuf.message import Message
 
 from agent_api import transport
 from proto.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
+from proto.kata_colo import colo_pb2
 from shim.errors import AgentError, DeadlineExceeded, Internal, Unavailable
 from ttrpc import Client
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
+COLO_SERVICE = "kata_colo.v1.Colo"
 EOF_MESSAGES = ("eof", "read meet eof")
 DEFAULT_READ = 32 << 10
 M = TypeVar("M", bound=Message)
@@ -42,6 +45,8 @@ TIMEOUTS: dict[str, float | None] = {
     "TtyWinResize": 10.0,
     # health
     "Check": 5.0, "Version": 5.0,
+    # kata-colo extension
+    "SetVcpuPriorities": 30.0,
 }
 
 
@@ -211,6 +216,14 @@ class AgentClient:
     async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, columns: int) -> None:
         await self._agent("TtyWinResize", agent_pb2.TtyWinResizeRequest(
             container_id=container_id, exec_id=exec_id, row=rows, column=columns))
+
+    # -- kata-colo --------------------------------------------------------------------------
+    async def set_vcpu_priorities(self, mapping: dict[str, list[int]]) -> None:
+        """{priority: [vCPU indices]}: the agent makes one cpuset group per priority."""
+        req = colo_pb2.SetVcpuPrioritiesRequest()
+        for name, vcpus in mapping.items():
+            req.priorities[name].vcpus.extend(vcpus)
+        await self._call(COLO_SERVICE, "SetVcpuPriorities", req, empty_pb2.Empty)
 
     # -- health -----------------------------------------------------------------------------
     async def check(self) -> bool:

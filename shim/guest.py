@@ -70,6 +70,9 @@ class GuestAgent:
                                     mount_point=GUEST_SHARED_DIR)
         await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=[storage])
 
+    async def set_vcpu_priorities(self, mapping: dict[str, list[int]]) -> None:
+        await self.client.set_vcpu_priorities(mapping)
+
     async def create_container(self, container_id: str, spec: dict[str, Any]) -> None:
         await self.client.create_container(container_id, spec_from_oci(spec))
 

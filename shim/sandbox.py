@@ -139,7 +139,8 @@ class SandboxBackend:
         pid = self.hv.vmm_pid()
         assert pid is not None
         await asyncio.to_thread(manager.place, threads, pid, priorities)
-        self.qos = manager
+        self.qos = manager  # from here on teardown releases the groups
+        await self.agent.set_vcpu_priorities(manager.mapping())
 
     async def _watch_vm(self, hv: QemuHypervisor) -> None:
         rc = await hv.wait()

@@ -89,13 +89,14 @@ class Containers:
         return self._locks.setdefault(cid, asyncio.Lock())
 
     # -- lifecycle --------------------------------------------------------------------------
-    async def create(self, cid: str, spec: oci_pb2.Spec) -> Container:
+    async def create(self, cid: str, spec: oci_pb2.Spec, *, cgroup_parent: str | None = None) -> Container:
+        """``cgroup_parent`` overrides the configured parent (a co-location priority group)."""
         check_id(cid)
         async with self._lock(cid):
             if cid in self._containers:
                 raise AlreadyExists(f"container {cid} already exists")
             config = adapt_for_guest(spec, container_id=cid, shared_dir=self.cfg.shared_dir,
-                                     cgroup_parent=self.cfg.cgroup_parent)
+                                     cgroup_parent=cgroup_parent or self.cfg.cgroup_parent)
             if not os.path.isdir(config["root"]["path"]):
                 raise NotFound(f"rootfs {config['root']['path']} does not exist")
             bundle = os.path.join(self.bundles, cid)

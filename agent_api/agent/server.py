@@ -9,6 +9,8 @@ import logging
 import os
 import socket
 
+from agent_api.agent.cgroups import remove_parent
+from agent_api.agent.colo import Colo, ColoService
 from agent_api.agent.config import AgentConfig
 from agent_api.agent.containers import Containers
 from agent_api.agent.network import Network
@@ -18,6 +20,7 @@ from agent_api.agent.runc import Runc
 from agent_api.agent.sandbox import Sandbox
 from agent_api.agent.service import AgentService, HealthService
 from proto.kata import agent_pb2, health_pb2
+from proto.kata_colo import colo_pb2
 from shim.errors import to_status
 from ttrpc import Server, open_fd_stream
 
@@ -54,9 +57,12 @@ class Agent:
                          no_pivot=cfg.no_pivot)
         self.containers = Containers(cfg, self.reaper, self.runc)
         self.sandbox = Sandbox(cfg, self.containers)
+        self.colo = Colo(cfg.cgroup_parent)
         self.server = Server(status_of=to_status)
         self.server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
-                                     AgentService(self.containers, self.sandbox, Network(self.reaper)))
+                                     AgentService(self.containers, self.sandbox, Network(self.reaper),
+                                                  colo=self.colo))
+        self.server.register_service(colo_pb2.DESCRIPTOR.services_by_name["Colo"], ColoService(self.colo))
         self.server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
         self._tasks: list[asyncio.Task[None]] = []
         self._vsock_server: asyncio.base_events.Server | None = None
@@ -135,4 +141,6 @@ class Agent:
         await self.server.close()
         await self.sandbox.stop()
         await self.containers.remove_all()
+        self.colo.cleanup()
+        remove_parent(self.cfg.cgroup_parent)
         self.reaper.uninstall()

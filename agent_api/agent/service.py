@@ -9,6 +9,7 @@ import logging
 from google.protobuf import empty_pb2
 
 from agent_api.agent import AGENT_VERSION, guest
+from agent_api.agent.colo import Colo
 from agent_api.agent.containers import Containers
 from agent_api.agent.network import Network
 from agent_api.agent.sandbox import Sandbox
@@ -24,10 +25,12 @@ MAX_WINSIZE = 65535
 
 
 class AgentService:
-    def __init__(self, containers: Containers, sandbox: Sandbox, network: Network) -> None:
+    def __init__(self, containers: Containers, sandbox: Sandbox, network: Network, *,
+                 colo: Colo | None = None) -> None:
         self.containers = containers
         self.sandbox = sandbox
         self.network = network
+        self.colo = colo
 
     # -- sandbox ----------------------------------------------------------------------------
     async def CreateSandbox(self, req: agent_pb2.CreateSandboxRequest, ctx: ServerContext) -> EMPTY:
@@ -60,7 +63,10 @@ class AgentService:
         if req.storages or req.devices:
             raise InvalidArgument("per-container storages/devices are not supported; "
                                   "use the shared directory")
-        await self.containers.create(req.container_id, req.OCI)
+        parent = None
+        if self.colo is not None:  # io.katacontainers.colo.container-priority → prio-<name>
+            parent = self.colo.cgroup_parent_for(req.OCI.Annotations, self.containers.cfg.cgroup_parent)
+        await self.containers.create(req.container_id, req.OCI, cgroup_parent=parent)
         return EMPTY()
 
     async def StartContainer(self, req: agent_pb2.StartContainerRequest, ctx: ServerContext) -> EMPTY:

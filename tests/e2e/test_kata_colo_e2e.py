@@ -185,3 +185,31 @@ def test_invalid_input_is_a_clear_error_and_leaves_nothing(kata_containerd, args
     assert res.returncode != 0
     assert message in res.stderr.decode(), res.stderr
     assert_nothing_left(c, cid)
+
+
+def test_vcpu_priorities_through_ctr(kata_containerd):
+    """Pod annotations → host vCPU threads in vcpu-<prio> cgroups → guest priority cpusets →
+    a container annotated `low` runs only on the low vCPU."""
+    c = kata_containerd
+    cid = "kc-e2e-colo"
+    res = c.ctr("run", "--rm", "--runtime", RUNTIME,
+                "--annotation", "io.katacontainers.config.hypervisor.default_vcpus=2",
+                "--annotation", "io.katacontainers.colo.vcpu-priorities=high:1,low:1",
+                "--annotation", "io.katacontainers.colo.container-priority=low",
+                IMAGE, cid, "sh", "-c", "grep Cpus_allowed_list /proc/self/status; "
+                "ls /sys/fs/cgroup/cpu/kata-colo/ 2>/dev/null; nproc")
+    out = res.stdout.decode()
+    assert re.search(r"Cpus_allowed_list:\s+1$", out, re.M), out
+    assert_nothing_left(c, cid)
+    assert not Path(f"/sys/fs/cgroup/cpu/kata-colo/{cid}").exists()
+
+
+def test_unknown_vcpu_priority_is_rejected(kata_containerd):
+    c = kata_containerd
+    cid = "kc-e2e-colo-bad"
+    res = c.ctr("run", "--rm", "--runtime", RUNTIME,
+                "--annotation", "io.katacontainers.colo.vcpu-priorities=urgent:1",
+                IMAGE, cid, "true", check=False)
+    c.ctr("container", "rm", cid, check=False)
+    assert res.returncode != 0 and "urgent" in res.stderr.decode(), res.stderr
+    assert_nothing_left(c, cid)

@@ -9,6 +9,7 @@ import pytest
 from agent_api import transport
 from agent_api.client import TIMEOUTS, AgentClient
 from proto.kata import agent_pb2, health_pb2
+from proto.kata_colo import colo_pb2
 from shim.errors import AgentError, DeadlineExceeded, InvalidArgument
 
 BLOCKING = {"WaitProcess", "ReadStdout", "ReadStderr", "GetOOMEvent"}
@@ -17,6 +18,7 @@ BLOCKING = {"WaitProcess", "ReadStdout", "ReadStderr", "GetOOMEvent"}
 def test_timeout_table_covers_every_rpc() -> None:
     methods = {m.name for m in agent_pb2.DESCRIPTOR.services_by_name["AgentService"].methods}
     methods |= {m.name for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods}
+    methods |= {m.name for m in colo_pb2.DESCRIPTOR.services_by_name["Colo"].methods}
     assert set(TIMEOUTS) == methods
     for name, value in TIMEOUTS.items():
         if name in BLOCKING:
