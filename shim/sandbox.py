@@ -349,6 +349,27 @@ class SandboxBackend:
         self._proc(container_id, "")
         return await self._require_agent().stats(container_id)
 
+    # --- co-location live changes (ops API; the admin socket will expose these) -------------
+
+    def _require_qos(self) -> Any:
+        if self.qos is None:
+            raise FailedPrecondition(f"sandbox {self.ctx.sandbox_id} has no vCPU priorities "
+                                     f"(annotation {cfgmod.ANNOTATION_VCPU_PRIORITIES})")
+        return self.qos
+
+    async def set_vcpu_priority(self, vcpu: int, priority: str) -> dict[str, list[int]]:
+        """Move one vCPU to another priority at run time: its host thread changes cgroup and the
+        guest's priority cpusets follow. Returns the new mapping."""
+        qos = self._require_qos()
+        await asyncio.to_thread(qos.set_vcpu_priority, vcpu, priority)
+        mapping: dict[str, list[int]] = qos.mapping()
+        await self._require_agent().set_vcpu_priorities(mapping)
+        return mapping
+
+    async def update_priority_knobs(self, priority: str, knobs: dict[str, Any]) -> None:
+        """Change one priority's knobs (shares/weight, idle, quota, burst, cpuset) at run time."""
+        await asyncio.to_thread(self._require_qos().update_priority_knobs, priority, knobs)
+
     async def shutdown(self) -> None:
         await self._teardown()
 

@@ -20,7 +20,8 @@ from shim.config import ANNOTATION_CONTAINER_PRIORITY, ColoConfig
 from shim.errors import InvalidArgument
 from shim.guest import GuestAgent
 from shim.resources.qos import QosConfig, QosManager, detect_driver
-from shim.sandbox import vm_config
+from shim.backend import BackendContext
+from shim.sandbox import SandboxBackend, vm_config
 from tests.integration.test_agent_host import read_all
 from tests.integration.test_qos_cgroups import _sweep
 from tests.integration.test_vm_agent import IMAGE, container
@@ -92,6 +93,16 @@ async def test_vcpu_priorities_host_and_guest():
         assert await cpus_allowed(guest, shared, "c-low", "low") == "2-3"
         assert await cpus_allowed(guest, shared, "c-high", "high") == "0-1"
         assert await cpus_allowed(guest, shared, "c-default", None) == "0-3"
+        # live change through the sandbox's ops API: vCPU 3 becomes high, low's shares change
+        sandbox = SandboxBackend.__new__(SandboxBackend)
+        sandbox.ctx = BackendContext(namespace="default", sandbox_id=state.name, state_dir=str(state))
+        sandbox.qos, sandbox.agent, sandbox._vm_gone = manager, guest, asyncio.Event()
+        assert await sandbox.set_vcpu_priority(3, "high") == {"high": [0, 1, 3], "low": [2]}
+        assert f"{base}/vcpu-high" in cgroup_paths(qemu_pid, threads[3])
+        assert await cpus_allowed(guest, shared, "c-high2", "high") == "0-1,3"
+        await sandbox.update_priority_knobs("low", {"cpu_shares": 64})
+        if Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
+            assert Path(f"/sys/fs/cgroup/cpu{base}/vcpu-low/cpu.shares").read_text().strip() == "64"
         bad = container(shared, "c-bad", ["true"])
         bad.Annotations[ANNOTATION_CONTAINER_PRIORITY] = "batch"
         with pytest.raises(InvalidArgument):
