@@ -5,12 +5,14 @@ destroy, and no qemu process, socket or temp dir remains."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,42 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root,
               pytest.mark.skipif(not (IMAGE / "manifest.json").exists(), reason="guest image not built")]
 
 
+@dataclasses.dataclass
+class BootedVm:
+    state: Path
+    shared: Path
+    hv: QemuHypervisor
+    guest: GuestAgent
+    qemu_pid: int
+
+
+@contextlib.asynccontextmanager
+async def booted_vm(vcpus: int, hostname: str) -> AsyncIterator[BootedVm]:
+    """Boot the built image (TCG) with ``vcpus`` vCPUs, connect the agent over virtio-serial and
+    create the guest sandbox with the 9p share; on exit stop the VM and remove every file."""
+    state = Path(tempfile.mkdtemp(prefix="kc-vm-", dir="/run"))
+    shared = state / "shared"
+    shared.mkdir()
+    cfg = vm_config(config.load(), state.name, state / "vm", "kataShared", shared)
+    hv = QemuHypervisor()
+    guest: GuestAgent | None = None
+    try:
+        await hv.prepare(dataclasses.replace(cfg, vcpus=vcpus, max_vcpus=vcpus))
+        await hv.start(timeout=60)
+        pid = hv.vmm_pid()
+        assert pid is not None
+        guest = GuestAgent(hv.agent_address())
+        await guest.connect(timeout=120, vm_gone=asyncio.Event())
+        await guest.create_sandbox(state.name, hostname=hostname, share_tag="kataShared")
+        yield BootedVm(state, shared, hv, guest, pid)
+    finally:
+        if guest is not None:
+            await guest.close()
+        await hv.stop(timeout=10)
+        await hv.cleanup()
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def container(shared: Path, cid: str, args: list[str], **kw: object):
     build_rootfs(shared / cid / "rootfs")
     spec = make_spec(args, **kw)  # type: ignore[arg-type]
@@ -36,22 +74,9 @@ def container(shared: Path, cid: str, args: list[str], **kw: object):
 
 
 async def test_vm_agent_containers_exec_signals_tty_and_teardown():
-    state = Path(tempfile.mkdtemp(prefix="kc-vmagent-", dir="/run"))
-    shared = state / "shared"
-    shared.mkdir()
-    cfg = vm_config(config.load(), state.name, state / "vm", "kataShared", shared)
-    cfg = dataclasses.replace(cfg, vcpus=2, max_vcpus=2)
-    hv = QemuHypervisor()
-    guest = None
-    qemu_pid = None
-    try:
-        await hv.prepare(cfg)
-        await hv.start(timeout=60)
-        qemu_pid = hv.vmm_pid()
-        guest = GuestAgent(hv.agent_address())
-        await guest.connect(timeout=120, vm_gone=asyncio.Event())
-        await guest.create_sandbox(state.name, hostname="kcvm", share_tag="kataShared")
-        client: AgentClient = guest.client
+    async with booted_vm(2, "kcvm") as vm:
+        state, shared, hv, qemu_pid = vm.state, vm.shared, vm.hv, vm.qemu_pid
+        client: AgentClient = vm.guest.client
 
         # vCPU threads: one per vCPU, each a thread of the qemu process
         threads = await hv.vcpu_threads()
@@ -87,11 +112,5 @@ async def test_vm_agent_containers_exec_signals_tty_and_teardown():
         assert await client.wait_process("c2") == 128 + signal.SIGKILL
         await client.remove_container("c2")
         await client.destroy_sandbox()
-    finally:
-        if guest is not None:
-            await guest.close()
-        await hv.stop(timeout=10)
-        await hv.cleanup()
-        shutil.rmtree(state, ignore_errors=True)
-    assert qemu_pid is not None and not os.path.exists(f"/proc/{qemu_pid}")
+    assert not os.path.exists(f"/proc/{qemu_pid}")
     assert not state.exists()

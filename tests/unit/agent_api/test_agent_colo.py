@@ -3,7 +3,6 @@ cgroup tree), /run/kata-colo/vcpu-priorities.json, placement of containers by th
 container-priority annotation, and the RPC through AgentClient against an in-process agent."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import AsyncIterator
@@ -13,12 +12,12 @@ import pytest
 
 from agent_api.agent.colo import (ANNOTATION_CONTAINER_PRIORITY, Colo, check_priorities,
                                   format_cpu_list, parse_cpu_list, render_json)
-from agent_api.agent.config import AgentConfig
 from agent_api.agent.server import Agent
 from agent_api.client import TIMEOUTS, AgentClient
 from proto.kata import oci_pb2
 from shim.errors import InvalidArgument, NotFound
 from shim.resources.qos.annotation import render_guest_json
+from tests.unit.agent_api.test_agent_server import unit_agent
 
 
 def test_cpu_lists() -> None:
@@ -122,11 +121,7 @@ def test_unknown_priority_before_set(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, str]]:
-    sock = str(tmp_path / "agent.sock")
-    cfg = dataclasses.replace(AgentConfig(), state_dir=str(tmp_path / "state"), runc="/nonexistent/runc",
-                              shared_dir=str(tmp_path / "shared"), listen=(f"unix:{sock}",),
-                              use_serial=False, use_vsock=False, cgroup_parent="/kata-colo-unit-none")
-    a = Agent(cfg, subreaper=False)
+    a, sock = unit_agent(tmp_path)
     fake = fake_colo(tmp_path)
     a.colo.cgroup_root, a.colo.json_path, a.colo.online_path = fake.cgroup_root, fake.json_path, fake.online_path
     a.colo.rmdir = fake_rmdir

@@ -21,13 +21,18 @@ from shim.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, Not
 from ttrpc import framing
 
 
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, str]]:
+def unit_agent(tmp_path: Path) -> tuple[Agent, str]:
+    """An in-process agent on a Unix socket under tmp_path (no serial, no vsock, no runc)."""
     sock = str(tmp_path / "agent.sock")
     cfg = dataclasses.replace(AgentConfig(), state_dir=str(tmp_path / "state"), runc="/nonexistent/runc",
                               shared_dir=str(tmp_path / "shared"), listen=(f"unix:{sock}",),
                               use_serial=False, use_vsock=False, cgroup_parent="/kata-colo-unit-none")
-    a = Agent(cfg, subreaper=False)
+    return Agent(cfg, subreaper=False), sock
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[tuple[Agent, str]]:
+    a, sock = unit_agent(tmp_path)
     await a.start()
     yield a, sock
     await a.close()
