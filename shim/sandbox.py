@@ -36,6 +36,7 @@ from shim.stdio import ProcessIO, StdioSpec
 log = logging.getLogger(__name__)
 
 EXIT_VM_GONE = 255
+OUTPUT_DRAIN_TIMEOUT = 30.0
 READ_CHUNK = 32 * 1024
 
 
@@ -285,7 +286,10 @@ class SandboxBackend:
             except KataColoError as exc:
                 log.warning("wait %s/%s: %s (reporting %d)", container_id, exec_id, exc, EXIT_VM_GONE)
         if p.io is not None:
-            await p.io.wait_output(timeout=5)
+            # containerd deletes the process (and we stop copying) right after the exit event:
+            # all output must be delivered first. The bound only guards against a guest that
+            # never reports EOF (a child still holding stdout); a loaded TCG guest can be slow.
+            await p.io.wait_output(timeout=OUTPUT_DRAIN_TIMEOUT)
         return ExitInfo(status, _now())
 
     async def kill(self, container_id: str, exec_id: str, signal_: int, all: bool) -> None:
