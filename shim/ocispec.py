@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 from shim.errors import InvalidArgument
@@ -42,18 +41,6 @@ def validate(spec: Any) -> dict[str, Any]:
     _require(isinstance(spec.get("annotations", {}), dict), "annotations must be an object")
     _require(isinstance(spec.get("linux", {}), dict), "linux must be an object")
     return spec
-
-
-def load(bundle: str | Path) -> dict[str, Any]:
-    path = Path(bundle) / "config.json"
-    import json
-
-    try:
-        return validate(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise InvalidArgument(f"invalid OCI spec: {path} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"invalid OCI spec: {path} is not JSON: {exc}") from None
 
 
 ShareFile = Callable[[str, str], str]

@@ -13,11 +13,11 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from agent_api.agent.validate import ID_RE, check_id
 from shim.backend import Mount
 from shim.errors import InvalidArgument, ResourceError
 
@@ -27,17 +27,10 @@ MS_RDONLY = 0x1
 MNT_DETACH = 0x2
 GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
 SHARE_TAG = "kataShared"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def check_id(value: str, what: str = "id") -> str:
-    if not _ID.match(value or ""):
-        raise InvalidArgument(f"invalid {what} {value!r}")
-    return value
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
@@ -130,7 +123,7 @@ class Virtio9pShare:
 
     def share_path(self, source: str, name: str) -> str:
         """Bind a host file or directory (CRI's /etc/hosts, volumes) into the share as ``name``."""
-        if "/" in name or not _ID.match(name):
+        if not ID_RE.match(name):
             raise InvalidArgument(f"invalid share name {name!r}")
         target = self.host_dir / name
         if os.path.isdir(source):

@@ -135,6 +135,7 @@ class ProcessIO:
     namespace: str = "default"
     container_id: str = ""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _out_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _sinks: list[_Sink] = field(default_factory=list)
     _logger: _BinaryLogger | None = None
     _stdin_fd: int | None = None
@@ -173,7 +174,7 @@ class ProcessIO:
                 continue
             self._sinks.append(sink)
             if reader is not None:
-                self._tasks.append(asyncio.create_task(self._copy_out(reader, sink)))
+                self._out_tasks.append(asyncio.create_task(self._copy_out(reader, sink)))
         if self.spec.stdin and write_stdin is not None:
             self._stdin_fd = os.open(self.spec.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._close_stdin = close_stdin
@@ -236,17 +237,17 @@ class ProcessIO:
 
     async def wait_output(self, timeout: float | None = None) -> None:
         """Wait until stdout/stderr copies reached EOF (so output is flushed before exit events)."""
-        outs = [t for t in self._tasks if t.get_coro().__name__ == "_copy_out"]  # type: ignore[union-attr]
-        if outs:
-            await asyncio.wait(outs, timeout=timeout)
+        if self._out_tasks:
+            await asyncio.wait(self._out_tasks, timeout=timeout)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for t in self._tasks:
+        tasks = self._out_tasks + self._tasks
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
         for sink in self._sinks:
