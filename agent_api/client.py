@@ -9,6 +9,7 @@ of stream returns b"" (kata's agent signals EOF as an INTERNAL "eof" error).
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -19,7 +20,7 @@ from agent_api import transport
 from proto.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from proto.kata_colo import colo_pb2
 from shim.errors import AgentError, DeadlineExceeded, Internal, Unavailable
-from ttrpc import Client
+from ttrpc import Client, framing
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
@@ -34,6 +35,7 @@ TIMEOUTS: dict[str, float | None] = {
     "GetGuestDetails": 10.0, "GetMetrics": 10.0, "GetOOMEvent": None,
     # network
     "UpdateInterface": 30.0, "UpdateRoutes": 30.0, "ListInterfaces": 10.0, "ListRoutes": 10.0,
+    "AddARPNeighbors": 30.0,
     # containers
     "CreateContainer": 60.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
     "PauseContainer": 30.0, "ResumeContainer": 30.0, "UpdateContainer": 30.0,
@@ -77,7 +79,9 @@ class AgentClient:
             if self.connected:
                 return
             reader, writer = await transport.connect(self.address, timeout or self.connect_timeout)
-            self._client = Client(reader, writer)
+            # random odd start: see Client(first_stream_id=) (virtio-serial reconnects)
+            self._client = Client(reader, writer,
+                                  first_stream_id=secrets.randbelow(framing.MAX_STREAM_ID // 2) * 2 + 1)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -141,6 +145,11 @@ class AgentClient:
     async def list_routes(self) -> list[types_pb2.Route]:
         resp = await self._agent("ListRoutes", agent_pb2.ListRoutesRequest(), agent_pb2.Routes)
         return list(resp.Routes)
+
+    async def add_arp_neighbors(self, neighbors: Iterable[types_pb2.ARPNeighbor]) -> None:
+        """Create or replace static neighbours (ARP / NDP entries) in the guest."""
+        await self._agent("AddARPNeighbors", agent_pb2.AddARPNeighborsRequest(
+            neighbors=agent_pb2.ARPNeighbors(ARPNeighbors=list(neighbors))))
 
     # -- containers -------------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: oci_pb2.Spec, *,

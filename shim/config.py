@@ -54,6 +54,7 @@ class HypervisorConfig:
     memory_slots: int = 10
     shared_fs: str = "virtio-9p"
     enable_balloon: bool = True
+    disable_vhost_net: bool = False
     pcie_root_ports: int = 0
     enable_debug: bool = False
     boot_timeout: float = 60.0

@@ -8,17 +8,21 @@ the shim's :class:`Stats`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from agent_api.client import AgentClient
 from agent_api.ocispec import process_from_oci, resources_from_oci, spec_from_oci
 from hypervisor.base import AgentAddress
-from proto.kata import agent_pb2
+from proto.kata import agent_pb2, types_pb2
 from shim.backend import Stats
-from shim.errors import AgentError, KataColoError
+from shim.errors import AgentError, InvalidArgument, KataColoError
 from shim.rootfs import GUEST_SHARED_DIR
 
 NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "cache=mmap", "msize=512000")
+M = TypeVar("M", bound=Message)
 
 
 def stats_from_pb(resp: agent_pb2.StatsContainerResponse) -> Stats:
@@ -32,6 +36,28 @@ def stats_from_pb(resp: agent_pb2.StatsContainerResponse) -> Stats:
         memory_inactive_file=extra.get("inactive_file", extra.get("total_inactive_file", 0)),
         pg_fault=extra.get("pgfault", 0), pg_maj_fault=extra.get("pgmajfault", 0),
         pids_current=pids.current, pids_limit=pids.limit)
+
+
+def _from_dict(value: Mapping[str, Any], message: M, what: str) -> M:
+    try:
+        return json_format.ParseDict(dict(value), message)
+    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidArgument(f"bad {what} {value!r}: {exc}") from None
+
+
+def interface_from_dict(d: Mapping[str, Any]) -> types_pb2.Interface:
+    """A kata-shaped ``Interface`` dict (VethEndpoint.to_agent_interface) → protobuf."""
+    return _from_dict(d, types_pb2.Interface(), "interface")
+
+
+def route_from_dict(d: Mapping[str, Any]) -> types_pb2.Route:
+    """A kata-shaped ``Route`` dict (VethEndpoint.to_agent_routes) → protobuf."""
+    return _from_dict(d, types_pb2.Route(), "route")
+
+
+def neighbor_from_dict(d: Mapping[str, Any]) -> types_pb2.ARPNeighbor:
+    """A kata-shaped ``ARPNeighbor`` dict (VethEndpoint.to_agent_neighbors) → protobuf."""
+    return _from_dict(d, types_pb2.ARPNeighbor(), "ARP neighbor")
 
 
 def agent_url(addr: AgentAddress) -> str:
@@ -69,6 +95,21 @@ class GuestAgent:
         storage = agent_pb2.Storage(driver="9p", source=share_tag, fstype="9p", options=list(NINEP_OPTIONS),
                                     mount_point=GUEST_SHARED_DIR)
         await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=[storage])
+
+    async def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]],
+                                neighbors: list[dict[str, Any]]) -> None:
+        """Give the guest the pod's network, as kata does: UpdateInterface per interface, then
+        UpdateRoutes once with all routes (replacing the guest's), then AddARPNeighbors. The
+        dicts are kata-shaped (shim.resources.network.endpoint); all are converted (and a bad
+        one rejected with InvalidArgument) before anything is sent."""
+        ifaces = [interface_from_dict(d) for d in interfaces]
+        route_pbs = [route_from_dict(d) for d in routes]
+        neigh_pbs = [neighbor_from_dict(d) for d in neighbors]
+        for iface in ifaces:
+            await self.client.update_interface(iface)
+        await self.client.update_routes(route_pbs)
+        if neigh_pbs:
+            await self.client.add_arp_neighbors(neigh_pbs)
 
     async def set_vcpu_priorities(self, mapping: dict[str, list[int]]) -> None:
         await self.client.set_vcpu_priorities(mapping)

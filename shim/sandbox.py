@@ -19,18 +19,20 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from hypervisor.base import SharedDir, VmConfig
+from hypervisor.qemu.cmdline import resolve_accel
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config as cfgmod
 from shim import ocispec, rootfs
 from shim.backend import BackendContext, CreateOpts, ExecOpts, ExitInfo, ProcessPid, Stats
 from shim.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, KataColoError, NotFound)
 from shim.guest import GuestAgent
+from shim.resources.network import pod as podnet
 from shim.stdio import ProcessIO, StdioSpec
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class SandboxBackend:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._boot_lock = asyncio.Lock()
         self.sandbox_container = ""
+        self.network: podnet.PodNetwork | None = None
 
     # --- sandbox lifecycle -----------------------------------------------------------------
 
@@ -106,14 +109,22 @@ class SandboxBackend:
         hv = QemuHypervisor()
         self.hv = hv
         try:
-            await hv.prepare(vm_config(cfg, self.ctx.sandbox_id, self.vm_dir, self.share.tag, self.share.host_dir))
-            await hv.start(timeout=cfg.hypervisor.boot_timeout)
+            vmcfg = vm_config(cfg, self.ctx.sandbox_id, self.vm_dir, self.share.tag, self.share.host_dir)
+            vmcfg = await self._setup_network(cfg, opts.spec, vmcfg)
+            await hv.prepare(vmcfg)
+            try:
+                await hv.start(timeout=cfg.hypervisor.boot_timeout)
+            finally:
+                if self.network is not None:
+                    self.network.close_fds()  # QEMU holds its own copies now (or failed)
             self._spawn(self._watch_vm(hv))
             agent = GuestAgent(hv.agent_address())
             self.agent = agent
             await agent.connect(timeout=cfg.agent.dial_timeout, vm_gone=self._vm_gone)
             await agent.create_sandbox(self.ctx.sandbox_id, hostname=_hostname(opts.spec, self.ctx.sandbox_id),
                                        share_tag=self.share.tag)
+            if self.network is not None:
+                await agent.configure_network(*self.network.guest_config())
             if priorities:
                 await self._place_vcpus(cfg, priorities)
             self._spawn(self._forward_ooms(agent))
@@ -121,6 +132,18 @@ class SandboxBackend:
             await self._teardown()
             raise
         log.info("sandbox %s: VM pid %s ready", self.ctx.sandbox_id, hv.vmm_pid())
+
+    async def _setup_network(self, cfg: cfgmod.Config, spec: dict[str, Any], vmcfg: VmConfig) -> VmConfig:
+        """tcfilter model: the pod netns's veths → taps → the VM's NICs (cold-plugged at boot)."""
+        netns = podnet.netns_from_spec(spec)
+        if not netns or cfg.runtime.internetworking_model == "none":
+            return vmcfg
+        queues = podnet.queues_for(vmcfg.vcpus)
+        self.network = await asyncio.to_thread(podnet.PodNetwork.setup, netns, queues)
+        accel = resolve_accel(vmcfg.accel, _cpuinfo())
+        nics = self.network.nics(vhost=podnet.use_vhost(accel, cfg.hypervisor.disable_vhost_net))
+        log.info("sandbox %s: %d NIC(s) from %s (%d queue(s))", self.ctx.sandbox_id, len(nics), netns, queues)
+        return replace(vmcfg, nics=nics)
 
     @staticmethod
     def _parse_priorities(cfg: cfgmod.Config, annotations: dict[str, str]) -> list[str]:
@@ -183,6 +206,12 @@ class SandboxBackend:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.qos.cleanup)
             self.qos = None
+        if self.network is not None:
+            try:
+                await asyncio.to_thread(self.network.teardown)
+                self.network = None
+            except KataColoError as exc:  # kept: persisted state lets `delete` retry
+                log.warning("sandbox %s: network teardown: %s", self.ctx.sandbox_id, exc)
         await asyncio.to_thread(self.share.cleanup)
 
     # --- Backend ---------------------------------------------------------------------------
@@ -385,6 +414,7 @@ class SandboxBackend:
             "shared_dir": str(self.share.host_dir),
             "vmm_pid": self.hv.vmm_pid() if self.hv is not None else 0,
             "qos_root": self.cfg.colo.cgroup_root if self.cfg is not None and self.qos is not None else "",
+            "network": self.network.to_json() if self.network is not None else "",
         }
 
     async def cleanup_after_crash(self, container_id: str, bundle: str, persisted: dict[str, Any] | None) -> None:
@@ -399,11 +429,24 @@ class SandboxBackend:
         if os.path.isdir(vm_dir):
             await QemuHypervisor.cleanup_state_dir(vm_dir, timeout=3)
         await asyncio.to_thread(share.cleanup)
+        if data.get("network"):
+            try:
+                await asyncio.to_thread(podnet.PodNetwork.cleanup_json, data["network"])
+            except KataColoError as exc:
+                log.warning("sandbox %s: network cleanup: %s", self.ctx.sandbox_id, exc)
         if data.get("qos_root"):
             from shim.resources import qos
 
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(qos.QosManager.cleanup_sandbox, self.ctx.sandbox_id, data["qos_root"])
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _now() -> datetime:

@@ -47,30 +47,51 @@ class StdioSpec:
 
 
 class _Sink:
-    """Where guest output goes: an async write + close."""
+    """Where guest output goes: an async write + an idempotent close."""
 
     def __init__(self, write: Callable[[bytes], Awaitable[None]], close: Callable[[], None]) -> None:
         self.write = write
-        self.close = close
+        self._close = close
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
 
 
-def _open_fifo_writer(path: str) -> int:
-    # O_RDWR never blocks on a FIFO whose reader (containerd) is not there yet.
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+def _open_fifo_writer(path: str) -> tuple[int, int]:
+    """(write fd, holder fd) of containerd's FIFO, without blocking.
+
+    The O_RDWR holder never blocks even if containerd's reader is not there yet, and keeps the
+    FIFO open; writes go through a separate O_WRONLY fd. Never write through the O_RDWR fd with
+    asyncio's write-pipe transport: it watches its fd for readability to detect a closed peer,
+    and an O_RDWR FIFO fd turns readable as soon as unread output sits in the FIFO, so the
+    transport would close itself and silently drop the rest of the output."""
+    holder = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC), holder
+    except BaseException:
+        os.close(holder)
+        raise
 
 
-async def _fd_sink(fd: int) -> _Sink:
+async def _fd_sink(fd: int, holder: int = -1) -> _Sink:
     loop = asyncio.get_running_loop()
     file = os.fdopen(fd, "wb", buffering=0, closefd=True)
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, file)
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def write(data: bytes) -> None:
+        if writer.is_closing():
+            raise BrokenPipeError("output endpoint closed")
         writer.write(data)
         await writer.drain()
 
     def close() -> None:
         writer.close()
+        if holder >= 0:
+            os.close(holder)
 
     return _Sink(write, close)
 
@@ -149,7 +170,7 @@ class ProcessIO:
         parsed = urllib.parse.urlparse(uri) if "://" in uri else None
         if parsed is None or parsed.scheme == "fifo":
             path = parsed.path if parsed else uri
-            return await _fd_sink(_open_fifo_writer(path))
+            return await _fd_sink(*_open_fifo_writer(path))
         if parsed.scheme == "file":
             return _file_sink(parsed.path)
         # binary://: one logger process for both streams
@@ -192,6 +213,10 @@ class ProcessIO:
             raise
         except Exception as exc:  # the guest went away or the reader closed its FIFO
             log.debug("stdout/stderr copy ended: %s", exc)
+        # Like runc's shim: the output ends here, so close our end now; containerd's CRI
+        # ExecSync waits for EOF on the stdout/stderr FIFOs before it deletes the exec.
+        with contextlib.suppress(Exception):
+            sink.close()
 
     async def _copy_in(self, fd: int, write: WriteChunk, close: Callable[[], Awaitable[None]] | None) -> None:
         loop = asyncio.get_running_loop()

@@ -25,11 +25,16 @@ _CLOSE_GRACE = 1.0  # seconds to flush our output on close() before aborting the
 
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 max_payload: int = framing.MAX_PAYLOAD) -> None:
+                 max_payload: int = framing.MAX_PAYLOAD, first_stream_id: int = 1) -> None:
+        """``first_stream_id`` (odd): a byte-stream transport that survives the peer's
+        reconnects (virtio-serial) should start at a random id, so that a late reply meant
+        for the previous connection cannot match a call of this one."""
+        if first_stream_id % 2 != 1 or not 1 <= first_stream_id <= framing.MAX_STREAM_ID:
+            raise ValueError(f"first_stream_id must be odd and in 1..{framing.MAX_STREAM_ID}")
         self._reader = reader
         self._writer = writer
         self._max_payload = max_payload
-        self._next_id = 1
+        self._next_id = first_stream_id
         self._pending: dict[int, asyncio.Future[ttrpc_pb2.Response]] = {}
         self._write_lock = asyncio.Lock()
         self._closed = False

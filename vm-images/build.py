@@ -601,7 +601,7 @@ def agent_sources() -> list[tuple[str, Path]]:
             if "__pycache__" in p.parts or not p.is_file():
                 continue
             rel = p.relative_to(src)
-            if rel.parts and rel.parts[0] in {"tests", "testdata", "test"}:
+            if rel.parts and rel.parts[0] in {"tests", "testdata", "test", *HOST_ONLY}:
                 continue
             if p.suffix in exts or any(p.name.endswith(e) for e in exts):
                 out.append((f"{dst}/{rel}", p))
@@ -616,6 +616,9 @@ def agent_sources() -> list[tuple[str, Path]]:
     upb = pb.parent / "_upb"
     tree(upb, "google/_upb", (".py", ".so"))
     return out
+
+
+HOST_ONLY = {"cri"}  # proto/cri: the host's CRI client (grpc stubs); the guest never uses it
 
 
 def agent_key(bkey: str, files: list[tuple[str, Path]]) -> str:

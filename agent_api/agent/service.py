@@ -148,6 +148,10 @@ class AgentService:
     async def ListRoutes(self, req: agent_pb2.ListRoutesRequest, ctx: ServerContext) -> agent_pb2.Routes:
         return await self.network.list_routes()
 
+    async def AddARPNeighbors(self, req: agent_pb2.AddARPNeighborsRequest, ctx: ServerContext) -> EMPTY:
+        await self.network.add_arp_neighbors(req.neighbors)
+        return EMPTY()
+
 
 class HealthService:
     async def Check(self, req: health_pb2.CheckRequest, ctx: ServerContext) -> health_pb2.HealthCheckResponse:

@@ -1,7 +1,10 @@
 """A private containerd 1.6 per test module (own root/state/sockets under a temp dir) and
-helpers to drive it with ctr. Uses scripts/private_containerd.sh and scripts/make_oci_image.py."""
+helpers to drive it with ctr. Uses scripts/private_containerd.sh and scripts/make_oci_image.py.
+The same socket serves CRI (runtime.v1); its CNI network (bridge + host-local, /usr/lib/cni) and
+the pause image are set up by private_containerd.sh."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE_BIN = REPO / "tests" / "fakes" / "bin"
 IMAGE = "docker.io/library/busybox:kata-colo"
 RUNTIME = "io.containerd.kata-colo.v2"
+CRI_NAMESPACE = "k8s.io"
+CNI_BIN_DIR = Path("/usr/lib/cni")
 
 sys.path.insert(0, str(REPO / "scripts"))
 
@@ -42,6 +47,16 @@ class Containerd:
             raise AssertionError(f"{' '.join(cmd)} → {res.returncode}\nstdout: {res.stdout!r}\n"
                                  f"stderr: {res.stderr!r}\ncontainerd log:\n{self.log_tail()}")
         return res
+
+    @property
+    def cni_bridge(self) -> str:
+        """The bridge of this instance's CNI network (kcbr…)."""
+        return (self.dir / "cni" / "bridge").read_text().strip()
+
+    @property
+    def cni_subnet(self) -> str:
+        conf = json.loads((self.dir / "cni" / "net.d" / "10-kata-colo.conflist").read_text())
+        return conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"]
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -111,6 +126,29 @@ def kata_containerd():
     shim_dir = product_shim_dir()
     c = start_containerd([shim_dir])
     c.import_busybox()
+    yield c
+    stop_containerd(c)
+    shutil.rmtree(shim_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cri_containerd():
+    """containerd whose CRI plugin runs pods with handler ``kata-colo`` (the real shim, VMs under
+    QEMU) on a private CNI bridge; busybox imported into the ``k8s.io`` namespace."""
+    if shutil.which("containerd") is None or os.geteuid() != 0:
+        pytest.skip("needs root and Debian's containerd")
+    if not Path("/var/lib/kata-colo/images/current/manifest.json").exists():
+        pytest.skip("guest image not built (python3 vm-images/build.py)")
+    if not all((CNI_BIN_DIR / p).exists() for p in ("bridge", "host-local", "loopback")):
+        pytest.skip("CNI plugins missing (apt install containernetworking-plugins)")
+    shim_dir = product_shim_dir()
+    c = start_containerd([shim_dir])
+    c.namespace = CRI_NAMESPACE
+    try:
+        c.import_busybox()
+    except BaseException:
+        stop_containerd(c)
+        raise
     yield c
     stop_containerd(c)
     shutil.rmtree(shim_dir, ignore_errors=True)

@@ -298,3 +298,39 @@ def test_invalid_netns_paths(tmp_path) -> None:  # type: ignore[no-untyped-def]
         scan_netns(str(plain))
     with pytest.raises(InvalidArgument):
         TcFilterNetwork("cni-1234")
+
+
+def test_pod_network_setup_nics_guest_config_and_teardown(nspair: NsPair) -> None:
+    from shim.resources.network.pod import PodNetwork
+
+    before = snapshot(nspair)
+    pod = PodNetwork.setup(nspair.pod_path, queues=2)
+    try:
+        (nic,) = pod.nics()
+        assert nic.id == "net0" and nic.mac == POD_MAC and len(nic.tap_fds) == 2
+        assert "mirred" in tc_filters(nspair, "eth0") and "mirred" in tc_filters(nspair, "tap0_kata")
+        interfaces, routes, neighbors = pod.guest_config()
+        assert interfaces[0]["hwAddr"] == POD_MAC and interfaces[0]["mtu"] == MTU
+        assert {a["address"] for a in interfaces[0]["IPAddresses"]} == {"10.231.0.2", "fd00:231::2"}
+        assert routes[-1]["dest"] == "" and routes[-1]["gateway"] == "10.231.0.1"
+        assert [n["lladdr"] for n in neighbors] == [PEER_MAC]
+        # a crash between setup and teardown: the persisted JSON alone undoes it
+        saved = pod.to_json()
+        pod.close_fds()
+        PodNetwork.cleanup_json(saved)
+        assert_same(before, snapshot(nspair))
+    finally:
+        pod.teardown()
+    assert_same(before, snapshot(nspair))
+    assert not pod.taps
+
+
+def test_pod_network_setup_failure_leaves_nothing(nspair: NsPair) -> None:
+    from shim.resources.network.pod import PodNetwork
+
+    before = snapshot(nspair)
+    nspair.sh("ip tuntap add dev tap0_kata mode tap")  # the tap name is taken: attach must fail
+    with pytest.raises(Exception):
+        PodNetwork.setup(nspair.pod_path)
+    nspair.sh("ip link del tap0_kata")
+    assert_same(before, snapshot(nspair))

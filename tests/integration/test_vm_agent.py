@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_api.client import AgentClient
+from hypervisor.base import NetDevice
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config
 from shim.guest import GuestAgent
@@ -40,9 +41,10 @@ class BootedVm:
 
 
 @contextlib.asynccontextmanager
-async def booted_vm(vcpus: int, hostname: str) -> AsyncIterator[BootedVm]:
-    """Boot the built image (TCG) with ``vcpus`` vCPUs, connect the agent over virtio-serial and
-    create the guest sandbox with the 9p share; on exit stop the VM and remove every file."""
+async def booted_vm(vcpus: int, hostname: str, nics: tuple[NetDevice, ...] = ()) -> AsyncIterator[BootedVm]:
+    """Boot the built image (TCG) with ``vcpus`` vCPUs (and ``nics``), connect the agent over
+    virtio-serial and create the guest sandbox with the 9p share; on exit stop the VM and remove
+    every file."""
     state = Path(tempfile.mkdtemp(prefix="kc-vm-", dir="/run"))
     shared = state / "shared"
     shared.mkdir()
@@ -50,7 +52,7 @@ async def booted_vm(vcpus: int, hostname: str) -> AsyncIterator[BootedVm]:
     hv = QemuHypervisor()
     guest: GuestAgent | None = None
     try:
-        await hv.prepare(dataclasses.replace(cfg, vcpus=vcpus, max_vcpus=vcpus))
+        await hv.prepare(dataclasses.replace(cfg, vcpus=vcpus, max_vcpus=vcpus, nics=nics))
         await hv.start(timeout=60)
         pid = hv.vmm_pid()
         assert pid is not None

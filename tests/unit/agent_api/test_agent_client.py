@@ -32,7 +32,8 @@ def test_client_has_a_method_per_rpc() -> None:
     import re
     for name in TIMEOUTS:
         snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-        snake = {"online_c_p_u_mem": "online_cpu_mem", "get_o_o_m_event": "get_oom_event"}.get(snake, snake)
+        snake = {"online_c_p_u_mem": "online_cpu_mem", "get_o_o_m_event": "get_oom_event",
+                 "add_a_r_p_neighbors": "add_arp_neighbors"}.get(snake, snake)
         assert callable(getattr(AgentClient, snake)), snake
 
 

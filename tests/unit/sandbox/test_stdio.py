@@ -45,6 +45,47 @@ async def test_fifo_stdout_and_stdin(tmp_path):
     os.close(reader_fd)
 
 
+async def test_fifo_reader_sees_eof_when_the_guest_output_ends(tmp_path):
+    """CRI ExecSync waits for EOF on the exec's FIFOs before it deletes the exec (as runc's
+    shim does, we close our end at guest EOF, not only at delete)."""
+    out_fifo, err_fifo = tmp_path / "out", tmp_path / "err"
+    os.mkfifo(out_fifo)
+    os.mkfifo(err_fifo)
+    out_r = os.open(out_fifo, os.O_RDONLY | os.O_NONBLOCK)
+    err_r = os.open(err_fifo, os.O_RDONLY | os.O_NONBLOCK)
+    io = ProcessIO(StdioSpec(stdout=str(out_fifo), stderr=str(err_fifo)))
+    await io.start(_chunks(b"out\n"), _chunks(), None, None)
+    await io.wait_output(timeout=5)
+    assert os.read(out_r, 100) == b"out\n"
+    assert os.read(out_r, 100) == b""  # EOF: no writer left, before io.close()
+    assert os.read(err_r, 100) == b""
+    await io.close()  # closing again is harmless
+    os.close(out_r)
+    os.close(err_r)
+
+
+async def test_output_waiting_unread_in_the_fifo_is_not_dropped(tmp_path):
+    """Regression: the FIFO was written through an O_RDWR fd with asyncio's write-pipe transport,
+    which took "readable" (our own unread output) for a closed peer and dropped later chunks;
+    `ctr task exec` lost the tail of fast exits (7 of 40 execs)."""
+    out_fifo = tmp_path / "out"
+    os.mkfifo(out_fifo)
+    reader_fd = os.open(out_fifo, os.O_RDONLY | os.O_NONBLOCK)
+    parts = [b"head\n", b"body\n", b"tail\n"]
+
+    async def slow_guest():
+        await asyncio.sleep(0.05)  # let the loop poll the sink while "head" sits unread
+        return parts.pop(0) if parts else b""
+
+    io = ProcessIO(StdioSpec(stdout=str(out_fifo)))
+    await io.start(slow_guest, None, None, None)
+    await io.wait_output(timeout=5)
+    assert os.read(reader_fd, 100) == b"head\nbody\ntail\n"
+    assert os.read(reader_fd, 100) == b""
+    await io.close()
+    os.close(reader_fd)
+
+
 async def test_file_uri_appends(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("old\n")
