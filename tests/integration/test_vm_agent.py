@@ -60,6 +60,13 @@ async def booted_vm(vcpus: int, hostname: str, nics: tuple[NetDevice, ...] = ())
         await guest.connect(timeout=120, vm_gone=asyncio.Event())
         await guest.create_sandbox(state.name, hostname=hostname, share_tag="kataShared")
         yield BootedVm(state, shared, hv, guest, pid)
+    except BaseException:
+        # the guest's side of a failure (agent log, kernel messages) is only in its console
+        path = hv.console_log_path
+        if path and os.path.exists(path):
+            tail = Path(path).read_text(errors="replace").splitlines()[-60:]
+            print("---- guest console (last 60 lines) ----", *tail, sep="\n")
+        raise
     finally:
         if guest is not None:
             await guest.close()
