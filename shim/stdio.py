@@ -77,9 +77,16 @@ def _open_fifo_writer(path: str) -> tuple[int, int]:
 
 
 async def _fd_sink(fd: int, holder: int = -1) -> _Sink:
+    """A sink owning ``fd`` (and ``holder``, closed with it), also if this call fails."""
     loop = asyncio.get_running_loop()
     file = os.fdopen(fd, "wb", buffering=0, closefd=True)
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, file)
+    try:
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, file)
+    except BaseException:
+        file.close()
+        if holder >= 0:
+            os.close(holder)
+        raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def write(data: bytes) -> None:
