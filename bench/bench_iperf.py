@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,16 +27,14 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "docker.io/library/kata-colo-tools:iperf3"
 RUNTIME = "io.containerd.kata-colo.v2"
-SHIM = "containerd-shim-kata-colo-v2"
 GUEST_IMAGE = Path("/var/lib/kata-colo/images/current/manifest.json")
 PORT = 5201
 SECONDS = int(os.environ.get("KC_BENCH_IPERF_SECONDS", "5"))
 READY_TIMEOUT = float(os.environ.get("KC_BENCH_IPERF_READY_TIMEOUT", "180"))
 
 
-def _run(*argv: str, timeout: float = 60, check: bool = True,
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+def _run(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                          stdin=subprocess.DEVNULL)
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} → {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
@@ -128,54 +125,23 @@ def bare_veth(ns: str, ip: str) -> tuple[float, float]:
         server.wait(timeout=10)
 
 
-def _shim_dir() -> str:
-    """A directory holding only the installed product shim, first on containerd's PATH."""
-    target = shutil.which(SHIM, path="/usr/local/bin") or shutil.which(SHIM)
-    if target is None:
-        raise RuntimeError(f"{SHIM} is not installed (make setup)")
-    d = tempfile.mkdtemp(prefix="kc-shimbin-", dir="/tmp")
-    os.symlink(os.path.realpath(target), os.path.join(d, SHIM))
-    return d
-
-
-class Containerd:
-    """A private containerd (scripts/private_containerd.sh) whose kata-colo is the product shim."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="kc-iperf-", dir="/tmp"))
-        self.shim_dir = _shim_dir()
-        self.env = dict(os.environ)
-        self.env["PATH"] = os.pathsep.join([self.shim_dir, os.path.dirname(sys.executable),
-                                            self.env.get("PATH", "")])
-        self.script = str(REPO / "scripts" / "private_containerd.sh")
-
-    def start(self) -> None:
-        _run("bash", self.script, "start", str(self.dir), env=self.env)
-
-    def stop(self) -> None:
-        _run("bash", self.script, "stop", str(self.dir), check=False)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        shutil.rmtree(self.shim_dir, ignore_errors=True)
-
-    def ctr(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run("ctr", "-a", str(self.dir / "containerd.sock"), *args, timeout=timeout, check=check)
-
-    def log_tail(self, name: str, n: int = 15) -> str:
-        try:
-            return "\n".join((self.dir / name).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(none)"
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(none)"
 
 
 def in_vm(ns: str, ip: str, tag: str) -> tuple[float, float, float]:
     """(host→guest, guest→host Gbit/s, seconds from ctr run -d to the server accepting)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_tool_image
+    sys.path.insert(0, str(REPO))
+    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    import make_tool_image  # on sys.path through tests.e2e.conftest (scripts/)
 
-    c = Containerd()
     cid = f"kc-iperf-{tag}"
+    shim_dir = product_shim_dir()
+    c = start_containerd([shim_dir])
     try:
-        c.start()
         tar = c.dir / "tools.tar"
         make_tool_image.build(str(tar), IMAGE, ["/usr/bin/iperf3"])
         c.ctr("image", "import", str(tar))
@@ -188,10 +154,10 @@ def in_vm(ns: str, ip: str, tag: str) -> tuple[float, float, float]:
         try:
             _wait_port(ip, READY_TIMEOUT)
         except RuntimeError as exc:
-            tasks = c.ctr("task", "ls", check=False).stdout.strip()
+            tasks = c.ctr("task", "ls", check=False).stdout.decode(errors="replace").strip()
             raise RuntimeError(f"VM: {exc}\ntasks:\n{tasks}\niperf3 server output:\n"
-                               f"{c.log_tail('iperf3-server.log')}\ncontainerd log:\n"
-                               f"{c.log_tail('containerd.log')}") from None
+                               f"{_tail(c.dir / 'iperf3-server.log')}\ncontainerd log:\n"
+                               f"{c.log_tail(15)}") from None
         ready = time.monotonic() - t0
         h2g, g2h = both_directions(ip)
         return h2g, g2h, ready
@@ -199,7 +165,8 @@ def in_vm(ns: str, ip: str, tag: str) -> tuple[float, float, float]:
         c.ctr("task", "kill", "-s", "SIGKILL", cid, timeout=60, check=False)
         c.ctr("task", "rm", "-f", cid, timeout=120, check=False)
         c.ctr("container", "rm", cid, timeout=60, check=False)
-        c.stop()
+        stop_containerd(c)
+        shutil.rmtree(shim_dir, ignore_errors=True)
 
 
 def main() -> None:
@@ -224,10 +191,10 @@ def main() -> None:
 
 
 def _accel() -> str:
-    from hypervisor.qemu.cmdline import resolve_accel
+    from hypervisor.qemu.driver import QemuHypervisor
     from shim import config
 
-    return resolve_accel(config.load().hypervisor.accel, Path("/proc/cpuinfo").read_text())
+    return QemuHypervisor().resolve_accel(config.load().hypervisor.accel)
 
 
 if __name__ == "__main__":

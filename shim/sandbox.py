@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.base import SharedDir, VmConfig
-from hypervisor.qemu.cmdline import resolve_accel
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config as cfgmod
 from shim import ocispec, rootfs
@@ -140,7 +139,8 @@ class SandboxBackend:
             return vmcfg
         queues = podnet.queues_for(vmcfg.vcpus)
         self.network = await asyncio.to_thread(podnet.PodNetwork.setup, netns, queues)
-        accel = resolve_accel(vmcfg.accel, _cpuinfo())
+        assert self.hv is not None
+        accel = self.hv.resolve_accel(vmcfg.accel)
         nics = self.network.nics(vhost=podnet.use_vhost(accel, cfg.hypervisor.disable_vhost_net))
         log.info("sandbox %s: %d NIC(s) from %s (%d queue(s))", self.ctx.sandbox_id, len(nics), netns, queues)
         return replace(vmcfg, nics=nics)
@@ -439,14 +439,6 @@ class SandboxBackend:
 
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(qos.QosManager.cleanup_sandbox, self.ctx.sandbox_id, data["qos_root"])
-
-
-def _cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _now() -> datetime:

@@ -116,14 +116,20 @@ class QemuHypervisor:
             raise FailedPrecondition("hypervisor not prepared")
         return self._cfg, self._paths
 
+    def _cpuinfo(self) -> str:
+        with open(self._cpuinfo_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def resolve_accel(self, accel: str) -> str:
+        """The accelerator ``accel`` (auto|kvm|tcg) means on this host, as ``prepare`` uses it."""
+        return cmdline.resolve_accel(accel, self._cpuinfo())
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def prepare(self, cfg: VmConfig) -> None:
         if self._proc is not None:
             raise FailedPrecondition("VM already started")
-        with open(self._cpuinfo_path, encoding="utf-8", errors="replace") as f:
-            cpuinfo = f.read()
-        argv = cmdline.build_argv(cfg, cpuinfo)
+        argv = cmdline.build_argv(cfg, self._cpuinfo())
         if not os.access(cfg.hypervisor_path, os.X_OK):
             raise InvalidArgument(f"hypervisor binary {cfg.hypervisor_path} is not executable")
         paths = VmPaths(cfg.state_dir)

@@ -94,6 +94,12 @@ class Route:
                 "source": self.source, "scope": self.scope, "family": self.family}
 
 
+def route_order(r: Route) -> tuple[bool, bool]:
+    """Link routes first, then routes via a gateway, default routes last: the guest kernel
+    refuses a gateway it cannot reach yet."""
+    return (bool(r.gateway), r.is_default)
+
+
 @dataclass(frozen=True)
 class Neighbor:
     address: str
@@ -138,8 +144,7 @@ class VethEndpoint:
         """kata agent ``Route``s: link routes first, then routes via a gateway (the guest kernel
         refuses a gateway it cannot reach yet)."""
         dev = guest_name or self.name
-        ordered = sorted(self.routes, key=lambda r: (bool(r.gateway), r.is_default))
-        return [r.to_agent(dev) for r in ordered]
+        return [r.to_agent(dev) for r in sorted(self.routes, key=route_order)]
 
     def to_agent_neighbors(self, guest_name: str | None = None) -> list[dict[str, Any]]:
         """Static (PERMANENT) neighbours only, as kata does; learned ones are re-learned."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from hypervisor.base import NetDevice
 from shim.errors import InvalidArgument, ResourceError
-from shim.resources.network.endpoint import VethEndpoint
+from shim.resources.network.endpoint import VethEndpoint, route_order
 from shim.resources.network.scan import scan_netns
 from shim.resources.network.tap import MAX_QUEUES
 from shim.resources.network.tcfilter import BackendName, TapAttachment, TcFilterNetwork
@@ -84,9 +84,9 @@ class PodNetwork:
     def guest_config(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """kata agent (interfaces, routes, neighbours); guest links are named like the veths."""
         interfaces = [ep.to_agent_interface() for ep in self.endpoints]
-        routes = [r for ep in self.endpoints for r in ep.to_agent_routes()]
-        # gateways last across all endpoints too: a gateway must be reachable when added
-        routes.sort(key=lambda r: (bool(r["gateway"]), r["dest"] == ""))
+        # ordered across all endpoints too: a gateway must be reachable when it is added
+        pairs = sorted(((ep, r) for ep in self.endpoints for r in ep.routes), key=lambda p: route_order(p[1]))
+        routes = [r.to_agent(ep.name) for ep, r in pairs]
         neighbors = [n for ep in self.endpoints for n in ep.to_agent_neighbors()]
         return interfaces, routes, neighbors
 
