@@ -19,10 +19,10 @@ ROUNDS = int(os.environ.get("KC_BENCH_ROUNDS", "3"))
 async def _floor_once(bare: bool = False) -> float:
     """qemu start → agent ready; with ``bare`` the same boot to the end of init (init powers
     the guest off instead of starting the agent: kernel + initramfs + modules only)."""
-    from agent_api.client import AgentClient
+    from agent_api.client.rpc import AgentClient
     from hypervisor.qemu.driver import QemuHypervisor
     from shim import config
-    from shim.guest import agent_url
+    from agent_api.client.facade import agent_url
     from shim.sandbox import vm_config
 
     d = Path(tempfile.mkdtemp(prefix="kc-floor-", dir="/run"))

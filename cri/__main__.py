@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from cri.client import CriClient, to_dict
 from proto.cri.runtime.v1 import api_pb2 as api
-from shim.errors import KataColoError
+from common.errors import KataColoError
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 

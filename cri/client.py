@@ -3,8 +3,8 @@ gRPC on a Unix socket, the way kubelet drives containerd's CRI plugin.
 
 Arguments are plain Python (names, dicts, lists); results are the generated messages of
 ``proto/cri/runtime/v1/api.proto`` except where a plain value is the natural answer (ids,
-``exec_sync``'s ``(rc, stdout, stderr)``). gRPC failures become :mod:`shim.errors` classes via
-:func:`shim.errors.from_status` (the one status → exception mapping).
+``exec_sync``'s ``(rc, stdout, stderr)``). gRPC failures become :mod:`common.errors` classes via
+:func:`common.errors.from_status` (the one status → exception mapping).
 
 CreateContainer carries the pod's PodSandboxConfig again (containerd takes the log directory,
 labels and DNS from it); the client remembers the config of every pod it started and otherwise
@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 
 from proto.cri.runtime.v1 import api_pb2 as api
 from proto.cri.runtime.v1 import api_pb2_grpc as api_grpc
-from shim.errors import KataColoError, from_status
+from common.errors import KataColoError, from_status
 
 DEFAULT_TIMEOUT = 120.0  # a cold VM under TCG takes ~10 s; RunPodSandbox also pulls/unpacks
 MAX_MESSAGE = 64 << 20  # ExecSync output is capped at 16 MiB per stream by the runtime

@@ -17,10 +17,6 @@ AgentTransport = Literal["virtio-serial", "vsock", "hybrid-vsock"]
 #: vCPU index → host thread id (TID) of the thread running that vCPU.
 VcpuThreads = dict[int, int]
 
-#: The name of the guest's virtio-serial port the agent listens on.
-AGENT_PORT_NAME = "agent.channel.0"
-#: The 9p mount tag of the sandbox's shared directory.
-SHARED_DIR_TAG = "kataShared"
 
 
 @dataclass(frozen=True)
@@ -143,7 +139,7 @@ class BalloonInfo:
 
 @runtime_checkable
 class Hypervisor(Protocol):
-    """One VM. Methods raise subclasses of shim.errors.KataColoError."""
+    """One VM. Methods raise subclasses of common.errors.KataColoError."""
 
     async def prepare(self, cfg: VmConfig) -> None:
         """Validate ``cfg`` and create the per-VM state directory; starts nothing."""

@@ -10,7 +10,7 @@ backend is ``shim.sandbox:SandboxBackend`` (one VM per sandbox); tests plug in
 Rules every backend follows:
 
 * No protobuf crosses this boundary: arguments and results are the dataclasses below.
-* Errors are raised from :mod:`shim.errors` (``NotFound``, ``FailedPrecondition``,
+* Errors are raised from :mod:`common.errors` (``NotFound``, ``FailedPrecondition``,
   ``Unavailable``, ``Internal`` ...); the ttrpc server maps them to status codes.
 * Calls for *different* processes may run concurrently; the task service never calls
   ``create``/``start``/``delete`` for the same process concurrently.

@@ -1,4 +1,4 @@
-"""The `start` side of the shim contract (PROTOCOLS.md §1): group id, socket address (runc's
+"""The `start` side of the shim contract (docs/protocols.md §1): group id, socket address (runc's
 convention), binding/reusing the shared socket, the bundle's ``address`` file."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`containerd-shim-kata-colo-v2`: the containerd runtime v2 shim binary (PROTOCOLS.md §1).
+"""`containerd-shim-kata-colo-v2`: the containerd runtime v2 shim binary (docs/protocols.md §1).
 
     <shim> -namespace NS -address A -publish-binary B -id ID [-debug] [-bundle B] start|delete
 
@@ -28,7 +28,8 @@ from proto.containerd.task.v2 import shim_pb2
 from shim import bootstrap, convert, persist
 from shim import log as shim_log
 from shim.backend import BackendContext, BackendFactory
-from shim.errors import Unavailable
+from common.errors import Unavailable
+from common.version import VERSION
 
 log = logging.getLogger("shim")
 DEFAULT_BACKEND = "shim.sandbox:SandboxBackend"
@@ -256,7 +257,7 @@ def cmd_serve(args: Args, factory: BackendFactory) -> int:
 def main(argv: list[str] | None = None, backend_factory: BackendFactory | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
-        print("containerd-shim-kata-colo-v2 (kata-colo) 0.1.0")
+        print(f"containerd-shim-kata-colo-v2 (kata-colo) {VERSION}")
         return 0
     factory = _load_factory(backend_factory)
     if args.action == "start":

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from shim.errors import ConfigError
+from common.errors import ConfigError
 
 DEFAULT_PATH = "/etc/kata-colo/configuration.toml"
 ENV_PATH = "KATA_COLO_CONFIG"

@@ -13,7 +13,8 @@ from proto.containerd.events import task_pb2 as events_pb2
 from proto.containerd.task.v2 import shim_pb2
 from proto.runtimeoptions.v1 import options_pb2
 from shim.backend import CreateOpts, ExecOpts, ExitInfo, Mount, Stats, Stdio
-from shim.errors import InvalidArgument
+from common.ids import check_id
+from common.errors import InvalidArgument
 from shim.process import Process
 
 #: Go's time.Time{} marshalled as a Timestamp: "unset".
@@ -54,11 +55,8 @@ def datetime_to_ts(dt: datetime | None, out: timestamp_pb2.Timestamp | None = No
 # --- requests -> dataclasses ---------------------------------------------------------------
 
 def require_id(value: str, what: str = "id") -> str:
-    if not value:
-        raise InvalidArgument(f"{what} must not be empty")
-    if "/" in value or value in (".", "..") or "\x00" in value:
-        raise InvalidArgument(f"invalid {what} {value!r}")
-    return value
+    """A container or exec id from containerd, by the one id rule (:mod:`common.ids`)."""
+    return check_id(value, what)
 
 
 def mounts_from_pb(mounts: Any) -> tuple[Mount, ...]:

@@ -1,4 +1,4 @@
-"""Ordered publishing of task events to containerd (PROTOCOLS.md §4).
+"""Ordered publishing of task events to containerd (docs/protocols.md §4).
 
 One queue, one sender task: events leave in exactly the order :meth:`EventPublisher.publish`
 was called (create → start → exit → delete; exec-added → exec-started → exit). Each event is

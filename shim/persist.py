@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.ids import check_id
+
 STATE_ROOT = "/run/kata-colo/sbs"
 STATE_FILE = "state.json"
 VERSION = 1
@@ -50,9 +52,7 @@ class ShimState:
 
 
 def state_dir(sandbox_id: str, root: str | os.PathLike[str] = STATE_ROOT) -> Path:
-    if not sandbox_id or "/" in sandbox_id or sandbox_id in (".", ".."):
-        raise ValueError(f"invalid sandbox id {sandbox_id!r}")
-    return Path(root) / sandbox_id
+    return Path(root) / check_id(sandbox_id, "sandbox id")
 
 
 def save(directory: Path, state: ShimState) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from shim.backend import ExitInfo, Stdio
-from shim.errors import AlreadyExists, FailedPrecondition, NotFound
+from common.errors import AlreadyExists, FailedPrecondition, NotFound
 
 
 class Status(enum.IntEnum):

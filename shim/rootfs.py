@@ -9,54 +9,17 @@ undone by :func:`unmount_all` / :meth:`SharedFs.unshare`, also from ``delete`` a
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import os
 import shutil
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from agent_api.agent.validate import ID_RE, check_id
+from common.errors import InvalidArgument
+from common.guest_paths import GUEST_SHARED_DIR, SHARE_TAG
+from common.ids import ID_RE, check_id
+from common.mount import MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT, is_mountpoint, umount, unmount_all
+from common.mount import mount as _mount
 from shim.backend import Mount
-from shim.errors import InvalidArgument, ResourceError
-
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_RDONLY = 0x1
-MNT_DETACH = 0x2
-GUEST_SHARED_DIR = "/run/kata-containers/shared/containers"
-SHARE_TAG = "kataShared"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    rc = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
-                     data.encode() if data else None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise ResourceError(f"mount {fstype or 'bind'} {source} on {target}: {os.strerror(err)}")
-
-
-def umount(target: str | Path) -> bool:
-    """Lazily unmount target; False when nothing was mounted there."""
-    rc = _libc.umount2(str(target).encode(), MNT_DETACH)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOENT):
-            return False
-        raise ResourceError(f"umount {target}: {os.strerror(err)}")
-    return True
-
-
-def is_mountpoint(path: str | Path) -> bool:
-    p = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == p for line in f)
-
 
 _FLAG_OPTS = {"ro": MS_RDONLY, "rbind": MS_BIND | MS_REC, "bind": MS_BIND}
 _IGNORED_OPTS = {"rw", "defaults"}
@@ -87,7 +50,7 @@ def mount_rootfs(mounts: Sequence[Mount], rootfs: Path) -> bool:
     fstype = "" if flags & MS_BIND else m.type
     _mount(m.source, str(rootfs), fstype, flags & ~MS_RDONLY, ",".join(data))
     if flags & MS_BIND and flags & MS_RDONLY:
-        _mount("", str(rootfs), "", MS_BIND | MS_RDONLY | 0x20, "")  # MS_REMOUNT
+        _mount("", str(rootfs), "", MS_BIND | MS_RDONLY | MS_REMOUNT, "")
     return True
 
 
@@ -163,7 +126,4 @@ class Virtio9pShare:
         shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
-def unmount_all(path: Path) -> None:
-    """Unmount everything mounted at path (stacked mounts included)."""
-    while is_mountpoint(path):
-        umount(path)
+__all__ = ["GUEST_SHARED_DIR", "SHARE_TAG", "SharedFs", "Virtio9pShare", "mount_rootfs", "unmount_all"]

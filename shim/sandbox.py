@@ -27,10 +27,10 @@ from typing import Any
 from hypervisor.base import SharedDir, VmConfig
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config as cfgmod
-from shim import ocispec, rootfs
+from shim import oci_guest as ocispec, rootfs
 from shim.backend import BackendContext, CreateOpts, ExecOpts, ExitInfo, ProcessPid, Stats
-from shim.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, KataColoError, NotFound)
-from shim.guest import GuestAgent
+from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, KataColoError, NotFound)
+from agent_api.client.facade import GuestAgent
 from shim.resources.network import pod as podnet
 from shim.stdio import ProcessIO, StdioSpec
 

@@ -1,6 +1,6 @@
 """containerd stdio endpoints for a process running in the guest.
 
-containerd hands the shim three URIs per process (PROTOCOLS.md §5): an empty string (null IO),
+containerd hands the shim three URIs per process (docs/protocols.md §5): an empty string (null IO),
 a FIFO path (no scheme), ``file:///path`` (append) or ``binary:///path?k=v`` (a logger process
 receiving stdout on fd 3, stderr on fd 4 and signalling readiness by closing fd 5).
 The guest side is abstracted as two coroutines: ``read_chunk()`` (b"" at EOF) and
@@ -17,7 +17,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Translation and bookkeeping only: requests become backend calls through :mod:`shim.convert`;
 the process table (:mod:`shim.process`) holds statuses and exits; events go through the one
-ordered :class:`~shim.events.EventPublisher`. Semantics follow PROTOCOLS.md §5: Wait works
+ordered :class:`~shim.events.EventPublisher`. Semantics follow docs/protocols.md §5: Wait works
 before Start and returns immediately for exited processes; Kill of an exited process is
 NotFound, of an unstarted exec FailedPrecondition; exec id reuse is AlreadyExists; Delete of an
 exec publishes no TaskDelete; Shutdown is a no-op while containers remain.
@@ -20,17 +20,19 @@ from typing import Any, Callable
 
 from google.protobuf import empty_pb2
 
+from common import version as common_version
+
 from proto.containerd.task.v2 import shim_pb2
 from shim import convert, persist, rootfs
 from shim import events as ev
 from shim.backend import Backend, BackendContext, BackendFactory, ExitInfo
-from shim.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, KataColoError, NotFound,
+from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, KataColoError, NotFound,
                          Unavailable, Unimplemented)
 from shim.process import Container, Process, ProcessTable, Status, now
 
 log = logging.getLogger(__name__)
 
-VERSION = "kata-colo-0.1.0"
+VERSION = f"kata-colo-{common_version.VERSION}"
 EMPTY = empty_pb2.Empty()
 
 

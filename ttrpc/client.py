@@ -1,6 +1,6 @@
 """ttrpc client: odd stream ids, many calls in flight, one reader task dispatching responses.
 
-Errors are :mod:`shim.errors` classes: a non-OK response raises ``from_status(code, message)``;
+Errors are :mod:`common.errors` classes: a non-OK response raises ``from_status(code, message)``;
 a call whose deadline passes raises DeadlineExceeded (the deadline is also sent as
 ``timeout_nano`` so the server stops working on it; a late answer is dropped); a connection
 that ends with calls in flight fails them with ConnectionClosed; a request larger than
@@ -15,7 +15,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from proto.ttrpc import ttrpc_pb2
-from shim import errors
+from common import errors
 from ttrpc import framing
 
 log = logging.getLogger(__name__)

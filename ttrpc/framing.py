@@ -1,4 +1,4 @@
-"""ttrpc 1.1.1 framing (PROTOCOLS.md §2).
+"""ttrpc 1.1.1 framing (docs/protocols.md §2).
 
 A frame is a 10-byte big-endian header — payload length u32 (header excluded), stream id u32,
 message type u8, flags u8 — followed by the payload. ttrpc 1.1.1 knows two message types,

@@ -5,7 +5,7 @@ Over a Unix socket (:meth:`Server.start_unix`) or any byte stream
 Protocol errors are answered on the offending stream and the connection keeps serving; only
 bytes that cannot be framed (the stream ends mid-frame, the transport fails) end that one
 connection. Handler exceptions become wire statuses in one place, ``status_of``
-(:func:`shim.errors.to_status` by default).
+(:func:`common.errors.to_status` by default).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from proto.ttrpc import ttrpc_pb2
-from shim import errors
+from common import errors
 from ttrpc import framing
 from ttrpc.unix import bind_listening, peer_credentials
 
@@ -203,7 +203,7 @@ class _Connection:
 
     def _failed(self, req: ttrpc_pb2.Request, exc: BaseException) -> tuple[int, str, bytes]:
         code, message = _safe_status(self.server.status_of, exc)
-        if code in (errors.Code.INTERNAL, errors.Code.UNKNOWN):
+        if errors.is_internal(code):
             log.error("%s/%s failed", req.service, req.method, exc_info=exc)
         return code, message, b""
 

@@ -8,7 +8,7 @@ import socket
 import stat
 import struct
 
-from shim import errors
+from common import errors
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 

@@ -1,5 +1,6 @@
-"""Agent layer: agent.cpio with /opt/kata-colo (ttrpc, proto, agent_api, shim errors and the
-host's google.protobuf), its content key, and the import check with the guest's Python."""
+"""Agent layer: agent.cpio with /opt/kata-colo (common, ttrpc, proto, agent_api without its host
+client, and the host's google.protobuf), its content key, and the import check with the guest's
+Python. No host code (shim/, hypervisor/, agent_api/client/) is shipped."""
 from __future__ import annotations
 
 import hashlib
@@ -41,16 +42,15 @@ def agent_sources() -> list[tuple[str, Path]]:
             if "__pycache__" in p.parts or not p.is_file():
                 continue
             rel = p.relative_to(src)
-            if rel.parts and rel.parts[0] in {"tests", "testdata", "test", *HOST_ONLY}:
+            if rel.parts and rel.parts[0] in {"tests", "testdata", "test"}:
+                continue
+            if f"{dst}/{rel}".startswith(HOST_ONLY):
                 continue
             if p.suffix in exts or any(p.name.endswith(e) for e in exts):
                 out.append((f"{dst}/{rel}", p))
 
-    for pkg in ["ttrpc", "proto", "agent_api"]:
+    for pkg in GUEST_PACKAGES:
         tree(REPO / pkg, pkg)
-    for f in ["__init__.py", "errors.py"]:
-        if (REPO / "shim" / f).exists():
-            out.append((f"shim/{f}", REPO / "shim" / f))
     pb = protobuf_dir()
     tree(pb, "google/protobuf", (".py", ".so"))
     upb = pb.parent / "_upb"
@@ -58,7 +58,10 @@ def agent_sources() -> list[tuple[str, Path]]:
     return out
 
 
-HOST_ONLY = {"cri"}  # proto/cri: the host's CRI client (grpc stubs); the guest never uses it
+#: What the guest runs: the neutral package, ttrpc, the protobufs and the agent API.
+GUEST_PACKAGES = ("common", "ttrpc", "proto", "agent_api")
+#: Host-only parts of those packages: the CRI stubs and the agent client.
+HOST_ONLY = ("proto/cri/", "agent_api/client/")
 
 
 def agent_key(bkey: str, files: list[tuple[str, Path]]) -> str:

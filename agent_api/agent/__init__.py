@@ -2,4 +2,6 @@
 
 Runs under the guest's python3.11 with only the stdlib, protobuf and our own packages.
 """
-AGENT_VERSION = "0.1.0"
+from common.version import VERSION as AGENT_VERSION
+
+__all__ = ["AGENT_VERSION"]

@@ -7,9 +7,9 @@ import os
 import signal
 import sys
 
-from agent_api.agent import config
+from agent_api.agent import agent_config as config
 from agent_api.agent.server import Agent
-from shim.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger("agent_api.agent")
 

@@ -19,7 +19,7 @@ from google.protobuf import empty_pb2
 
 from agent_api.agent.cgroups import CGROUP_ROOT
 from proto.kata_colo import colo_pb2
-from shim.errors import FailedPrecondition, InvalidArgument, ResourceError
+from common.errors import FailedPrecondition, InvalidArgument, ResourceError
 from ttrpc import ServerContext
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import socket
 import struct
 import termios
 
-from shim.errors import DeadlineExceeded, FailedPrecondition, Internal
+from common.errors import DeadlineExceeded, FailedPrecondition, Internal
 
 
 class _FdBase:

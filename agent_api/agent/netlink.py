@@ -4,7 +4,7 @@ stdlib only (``socket`` + ``struct``): the guest has no pyroute2, and busybox ``
 add neighbours nor print a route's protocol (which UpdateRoutes needs to keep kernel routes).
 Message builders and parsers are pure functions (unit-tested byte for byte); :class:`Rtnl` owns
 one NETLINK_ROUTE socket of the calling thread's network namespace, sends one request at a time
-and checks every ack. A kernel errno becomes the matching :mod:`shim.errors` class.
+and checks every ack. A kernel errno becomes the matching :mod:`common.errors` class.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from shim.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, KataColoError,
+from common.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, KataColoError,
                          NotFound, PermissionDenied, Unavailable)
 
 NETLINK_ROUTE = 0
@@ -54,7 +54,7 @@ _ERRORS: dict[int, type[KataColoError]] = {
 
 
 def netlink_error(err: int, what: str) -> KataColoError:
-    """A kernel errno (positive) for ``what`` as the matching shim.errors class."""
+    """A kernel errno (positive) for ``what`` as the matching common.errors class."""
     return _ERRORS.get(err, Internal)(f"{what}: {os.strerror(err)}")
 
 

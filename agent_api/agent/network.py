@@ -33,7 +33,7 @@ from agent_api.agent import netlink
 from agent_api.agent.netlink import RouteEntry
 from agent_api.agent.reaper import Reaper, RunResult, run
 from proto.kata import agent_pb2, types_pb2
-from shim.errors import AlreadyExists, Internal, InvalidArgument, KataColoError, NotFound
+from common.errors import AlreadyExists, Internal, InvalidArgument, KataColoError, NotFound
 
 log = logging.getLogger(__name__)
 SYS_NET = "/sys/class/net"

@@ -16,7 +16,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from shim.errors import DeadlineExceeded, Internal
+from common.errors import DeadlineExceeded, Internal
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from agent_api.agent.reaper import Reaper, run, spawn
-from shim.errors import AlreadyExists, Internal, KataColoError, NotFound
+from common.errors import AlreadyExists, Internal, KataColoError, NotFound
 
 CREATE_TIMEOUT = 120.0
 CMD_TIMEOUT = 60.0

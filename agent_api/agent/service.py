@@ -1,21 +1,21 @@
 """grpc.AgentService and grpc.Health handlers: validate, delegate, build the response.
 
 Each handler is ``async def Name(request, ctx)`` as ttrpc's register_service expects; errors
-are shim.errors classes (the ttrpc server turns them into statuses)."""
+are common.errors classes (the ttrpc server turns them into statuses)."""
 from __future__ import annotations
 
 import logging
 
 from google.protobuf import empty_pb2
 
-from agent_api.agent import AGENT_VERSION, guest
+from agent_api.agent import AGENT_VERSION, guest_details as guest
 from agent_api.agent.colo import Colo
 from agent_api.agent.containers import Containers
 from agent_api.agent.network import Network
-from agent_api.agent.sandbox import Sandbox
+from agent_api.agent.guest_sandbox import Sandbox
 from agent_api.agent.validate import check_id, check_read_len
 from proto.kata import agent_pb2, health_pb2, types_pb2
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 from ttrpc import ServerContext
 
 log = logging.getLogger(__name__)

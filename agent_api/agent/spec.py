@@ -1,8 +1,6 @@
 """kata's protobuf ``grpc.Spec`` → OCI runtime-spec JSON (config.json) for runc in the guest.
 
-Field names follow the OCI JSON tags: lower-case the first letter of the protobuf name, except
-for the few in :data:`_JSON_NAMES`. Zero values are omitted (proto3 has no presence), except the
-fields OCI requires (:data:`_ALWAYS`). Guest adaptation (:func:`adapt_for_guest`): hooks,
+The protobuf ↔ JSON walk is :mod:`agent_api.oci_codec` (shared with the host). Guest adaptation (:func:`adapt_for_guest`): hooks,
 AppArmor/SELinux labels and host namespace paths are dropped, the root path is validated to
 stay under the shared dir and the cgroup path is put under the agent's cgroup parent.
 """
@@ -11,78 +9,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from google.protobuf.message import Message
-
 from agent_api.agent.validate import check_args, path_within
+from agent_api.oci_codec import to_json
 from proto.kata import oci_pb2
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
-_JSON_NAMES = {
-    "Version": "ociVersion",
-    "UID": "uid",
-    "GID": "gid",
-    "OOMScoreAdj": "oomScoreAdj",
-    "UIDMappings": "uidMappings",
-    "GIDMappings": "gidMappings",
-    "CPU": "cpu",
-    "Pagesize": "pageSize",
-    "errnoret": "errnoRet",
-    "L3CacheSchema": "l3CacheSchema",
-}
-# (message full name, field name) emitted even when zero
-_ALWAYS = {
-    ("grpc.User", "UID"), ("grpc.User", "GID"),
-    ("grpc.LinuxDeviceCgroup", "Allow"),
-    ("grpc.LinuxDevice", "Major"), ("grpc.LinuxDevice", "Minor"),
-    ("grpc.LinuxIDMapping", "HostID"), ("grpc.LinuxIDMapping", "ContainerID"),
-    ("grpc.LinuxIDMapping", "Size"),
-    ("grpc.POSIXRlimit", "Hard"), ("grpc.POSIXRlimit", "Soft"),
-    ("grpc.LinuxSeccompArg", "Index"), ("grpc.LinuxSeccompArg", "Value"),
-}
-# messages skipped entirely (host-side features or other platforms)
-_SKIP = {("grpc.Spec", "Hooks"), ("grpc.Spec", "Solaris"), ("grpc.Spec", "Windows")}
 # guest namespaces a container may not keep a host path for: it shares the guest's instead
 _SHARE_WITH_GUEST = {"network", "ipc", "uts", "pid", "cgroup", "mount", "user"}
 # ...except these, which get a new namespace instead (pid: the agent and every pod process
 # would be visible and killable; mount: the container's mounts would land in the guest's)
 _NEVER_GUEST = {"pid", "mount"}
-
-
-def json_name(field: str) -> str:
-    return _JSON_NAMES.get(field) or field[:1].lower() + field[1:]
-
-
-def to_json(msg: Message) -> dict[str, Any]:
-    """Generic protobuf → OCI JSON dict walk (see module doc for the naming rules)."""
-    out: dict[str, Any] = {}
-    full = msg.DESCRIPTOR.full_name
-    present = {fd.name: value for fd, value in msg.ListFields()}
-    for fd in msg.DESCRIPTOR.fields:
-        if (full, fd.name) in _SKIP:
-            continue
-        name = json_name(fd.name)
-        if fd.name not in present:
-            if (full, fd.name) in _ALWAYS:
-                out[name] = getattr(msg, fd.name)
-            continue
-        value = present[fd.name]
-        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-            out[name] = dict(value)
-        elif fd.is_repeated:
-            if fd.message_type is not None:
-                out[name] = [to_json(v) for v in value]
-            else:
-                out[name] = list(value)
-        elif fd.message_type is not None:
-            out[name] = to_json(value)
-        else:
-            out[name] = value
-    if full == "grpc.LinuxDeviceCgroup":
-        # kata encodes "any" major/minor as -1 (Go nil); OCI omits them
-        for key in ("major", "minor"):
-            if key in out and out[key] < 0:
-                del out[key]
-    return out
 
 
 def process_to_json(proc: oci_pb2.Process) -> dict[str, Any]:

@@ -1,21 +1,15 @@
-"""Input validation shared by every RPC: ids, paths, sizes. Failures raise InvalidArgument."""
+"""Input validation shared by every RPC: ids (the one rule, :mod:`common.ids`), paths, sizes.
+Failures raise InvalidArgument."""
 from __future__ import annotations
 
 import os
-import re
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
+from common.ids import ID_RE, check_id  # noqa: F401 - re-exported for the agent modules
 
-ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 MAX_READ_LEN = 1 << 20
 MAX_ARGS = 4096
 MAX_ARG_LEN = 128 << 10
-
-
-def check_id(value: str, what: str = "container_id") -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise InvalidArgument(f"invalid {what} {value[:140]!r}")
-    return value
 
 
 def check_exec_id(value: str, *, allow_empty: bool = True) -> str:

@@ -10,8 +10,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from hypervisor.base import AGENT_PORT_NAME, NetDevice, SharedDir, VmConfig
-from shim.errors import InvalidArgument
+from common.guest_paths import AGENT_PORT_NAME
+from hypervisor.base import NetDevice, SharedDir, VmConfig
+from common.errors import InvalidArgument
+from common.ids import valid_id
 
 BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=-1")
 MIN_MEMORY_MIB = 64
@@ -19,7 +21,6 @@ MAX_VCPUS = 255
 MACHINES = ("q35", "pc")
 ACCELS = ("auto", "kvm", "tcg")
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEV_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
 _TAG = re.compile(r"[A-Za-z0-9_.-]{1,31}")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
@@ -105,7 +106,7 @@ def kernel_cmdline(cfg: VmConfig) -> str:
 
 def validate(cfg: VmConfig) -> None:
     """Raise InvalidArgument for any value QEMU would reject or that would be unsafe."""
-    if not _ID.fullmatch(cfg.sandbox_id):
+    if not valid_id(cfg.sandbox_id):
         raise InvalidArgument(f"bad sandbox id {cfg.sandbox_id!r}")
     if not cfg.state_dir or not os.path.isabs(cfg.state_dir):
         raise InvalidArgument(f"state_dir must be an absolute path, not {cfg.state_dir!r}")

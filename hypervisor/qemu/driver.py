@@ -21,7 +21,7 @@ from hypervisor.base import (AgentAddress, BalloonInfo, BlockDevice, Capabilitie
 from hypervisor.qemu import cmdline
 from hypervisor.qemu.cmdline import VmPaths
 from hypervisor.qemu.monitor import QmpMonitor
-from shim.errors import (DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument,
+from common.errors import (DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument,
                          KataColoError, NotFound, ResourceExhausted)
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
-from shim.errors import ConnectionClosed, DeadlineExceeded, HypervisorError
+from common.errors import ConnectionClosed, DeadlineExceeded, HypervisorError
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import pytest
 
 from cri.client import CriClient, container_config, pod_config
 from proto.cri.runtime.v1 import api_pb2 as api
-from shim.errors import NotFound
+from common.errors import NotFound
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]

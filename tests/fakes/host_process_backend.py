@@ -27,7 +27,7 @@ from typing import Any
 
 from shim import rootfs as rootfs_mod
 from shim.backend import BackendContext, CreateOpts, ExecOpts, ExitInfo, ProcessPid, Stats, Stdio
-from shim.errors import FailedPrecondition, NotFound, Unimplemented
+from common.errors import FailedPrecondition, NotFound, Unimplemented
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_api.client import AgentClient
+from agent_api.client.rpc import AgentClient
 from proto.kata import oci_pb2
-from shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from shim.errors import InvalidArgument, NotFound, ResourceError
+from common.errors import InvalidArgument, NotFound, ResourceError
 from shim.resources.network import TcFilterNetwork, VethEndpoint, scan_netns
 from shim.resources.network.netns import run_in_netns
 from shim.resources.network.tc_fast import load_speedups

@@ -17,7 +17,7 @@ import pytest
 
 from hypervisor.base import Hypervisor, SharedDir, VmConfig
 from hypervisor.qemu.driver import QemuHypervisor
-from shim.errors import HypervisorError
+from common.errors import HypervisorError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_api.client import AgentClient
+from agent_api.client.rpc import AgentClient
 from hypervisor.base import NetDevice
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config
-from shim.guest import GuestAgent
+from agent_api.client.facade import GuestAgent
 from shim.rootfs import GUEST_SHARED_DIR
 from shim.sandbox import vm_config
 from tests.integration.test_agent_host import build_rootfs, exec_process, make_spec, read_all

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from shim.config import ANNOTATION_CONTAINER_PRIORITY, ColoConfig
-from shim.errors import InvalidArgument
-from shim.guest import GuestAgent
+from common.errors import InvalidArgument
+from agent_api.client.facade import GuestAgent
 from shim.resources.qos import QosConfig, QosManager, detect_driver
 from shim.backend import BackendContext
 from shim.sandbox import SandboxBackend

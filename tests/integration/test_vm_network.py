@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from agent_api.client import AgentClient
+from agent_api.client.rpc import AgentClient
 from hypervisor.base import NetDevice
 from proto.kata import types_pb2
 from shim.resources.network.endpoint import NUD_PERMANENT, RT_SCOPE_LINK, IPAddr, Neighbor, Route, VethEndpoint

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 IP_FAMILY_V4 = 0
 IP_FAMILY_V6 = 1

@@ -16,7 +16,7 @@ import stat
 import threading
 from typing import Callable, TypeVar
 
-from shim.errors import InvalidArgument, NotFound, ResourceError
+from common.errors import InvalidArgument, NotFound, ResourceError
 
 CLONE_NEWNET = 0x40000000
 NSFS_MAGIC = 0x6E736673

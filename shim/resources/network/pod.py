@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypervisor.base import NetDevice
-from shim.errors import InvalidArgument, ResourceError
+from common.errors import InvalidArgument, ResourceError
 from shim.resources.network.endpoint import VethEndpoint, route_order
 from shim.resources.network.scan import scan_netns
 from shim.resources.network.tap import MAX_QUEUES

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.network.endpoint import (
     IPAddr,
     Neighbor,

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 STATE_VERSION = 1
 

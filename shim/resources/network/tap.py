@@ -11,7 +11,7 @@ import fcntl
 import os
 import struct
 
-from shim.errors import InvalidArgument, ResourceError
+from common.errors import InvalidArgument, ResourceError
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA

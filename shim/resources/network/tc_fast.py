@@ -9,7 +9,7 @@ import socket
 import struct
 from types import ModuleType
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.network import state as st
 from shim.resources.network.state import TcFilterState
 from shim.resources.network.tc_common import GONE_ERRNOS, ifindex, next_seq

@@ -6,7 +6,7 @@ import os
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.network import state as st
 from shim.resources.network.state import TcFilterState
 from shim.resources.network.tap import IFF_VNET_HDR, open_tap_queues

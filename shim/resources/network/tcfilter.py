@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shim.errors import (
+from common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

@@ -19,7 +19,7 @@ import json
 import re
 from typing import Iterable, Mapping, Sequence
 
-from shim.errors import ConfigError
+from common.errors import ConfigError
 
 ANNOTATION = "io.katacontainers.colo.vcpu-priorities"
 GUEST_PATH = "/run/kata-colo/vcpu-priorities.json"

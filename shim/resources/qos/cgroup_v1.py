@@ -13,7 +13,7 @@ import posixpath
 
 from cgroupspy.nodes import Node
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.qos import cgroupfs
 from shim.resources.qos.driver import CgroupDriver, Location, parent_of
 from shim.resources.qos.model import CpuKnobs, parse_cpuset

@@ -12,7 +12,7 @@ import errno
 import os
 import posixpath
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.qos import cgroupfs
 from shim.resources.qos.driver import CgroupDriver, Location, parent_of
 from shim.resources.qos.model import DEFAULT_PERIOD, CpuKnobs, parse_cpuset

@@ -6,7 +6,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 
 MOUNTS = "/proc/self/mounts"
 

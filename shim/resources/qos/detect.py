@@ -6,7 +6,7 @@ A v1 (or hybrid) host has the cpu controller on a `cgroup` mount; its `cgroup2` 
 """
 from __future__ import annotations
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.qos import cgroupfs
 from shim.resources.qos.cgroup_v1 import V1Driver
 from shim.resources.qos.cgroup_v2 import V2Driver

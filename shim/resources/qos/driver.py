@@ -10,7 +10,7 @@ from __future__ import annotations
 import posixpath
 from abc import ABC, abstractmethod
 
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.qos.model import CpuKnobs
 
 Location = dict[str, str]

@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import threading
 from typing import Any, Mapping, Sequence
 
-from shim.errors import ConfigError, ResourceError
+from common.ids import valid_id
+from common.errors import ConfigError, ResourceError
 from shim.resources.qos import cgroupfs
 from shim.resources.qos.annotation import priority_map, render_guest_json
 from shim.resources.qos.detect import detect_driver
@@ -32,11 +32,10 @@ from shim.resources.qos.placement import AFFINITY, PlaceOp, Placer, best_placer
 
 VMM_GROUP = "vmm"
 STATE_VERSION = 1
-_SANDBOX_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 def _check_sandbox_id(sandbox_id: str) -> str:
-    if not _SANDBOX_ID.fullmatch(sandbox_id) or sandbox_id in (".", ".."):
+    if not valid_id(sandbox_id):
         raise ConfigError(f"sandbox id {sandbox_id!r} cannot name a cgroup")
     return sandbox_id
 

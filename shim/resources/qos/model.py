@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from shim.errors import ConfigError
+from common.errors import ConfigError
 
 SHARES_MIN, SHARES_MAX = 2, 262144
 WEIGHT_MIN, WEIGHT_MAX = 1, 10000

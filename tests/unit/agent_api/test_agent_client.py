@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_api import transport
-from agent_api.client import TIMEOUTS, AgentClient
+from agent_api.client import transport
+from agent_api.client.rpc import TIMEOUTS, AgentClient
 from proto.kata import agent_pb2, health_pb2
 from proto.kata_colo import colo_pb2
-from shim.errors import AgentError, DeadlineExceeded, InvalidArgument
+from common.errors import AgentError, DeadlineExceeded, InvalidArgument
 
 BLOCKING = {"WaitProcess", "ReadStdout", "ReadStderr", "GetOOMEvent"}
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from agent_api.agent import guest
+from agent_api.agent import guest_details as guest
 from agent_api.agent.cgroups import Cgroup, network_stats
 from agent_api.agent import netlink
 from agent_api.agent.netlink import RouteEntry
 from agent_api.agent.network import Network, describe, parse_addrs, route_entry
 from agent_api.agent.reaper import RunResult
 from proto.kata import agent_pb2, types_pb2
-from shim.errors import AlreadyExists, InvalidArgument, NotFound
+from common.errors import AlreadyExists, InvalidArgument, NotFound
 
 IPROUTE_ADDRS = """\
 1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever

@@ -11,7 +11,7 @@ import pytest
 
 from agent_api.agent import netlink as nl
 from agent_api.agent.netlink import RouteEntry
-from shim.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,
+from common.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,
                          PermissionDenied)
 
 

@@ -1,4 +1,4 @@
-"""Host-side OCI JSON ↔ grpc.Spec conversion (agent_api.ocispec)."""
+"""Host-side OCI JSON ↔ grpc.Spec conversion (agent_api.oci_codec)."""
 from __future__ import annotations
 
 import copy
@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from agent_api.agent.spec import adapt_for_guest
-from agent_api.ocispec import process_from_oci, resources_from_oci, spec_from_oci, spec_to_oci
+from agent_api.oci_codec import process_from_oci, resources_from_oci, spec_from_oci, spec_to_oci
 from proto.kata import oci_pb2
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 CONFIG: dict[str, Any] = {
     "ociVersion": "1.0.2-dev",

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_api.agent.process import StdioSetup
+from agent_api.agent.guest_process import StdioSetup
 from agent_api.agent.reaper import Reaper
 from agent_api.agent.runc import Runc, _error
-from shim.errors import AlreadyExists, Internal, NotFound
+from common.errors import AlreadyExists, Internal, NotFound
 
 FAKE_RUNC = f"""#!{sys.executable}
 import json, socket, sys

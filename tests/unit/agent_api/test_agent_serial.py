@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent_api.agent import server as agent_server
-from agent_api.agent.config import AgentConfig
+from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.server import Agent
 from proto.kata import health_pb2
 from ttrpc import Client, open_fd_stream

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent_api.agent.config import AgentConfig
+from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.reaper import Reaper, run, spawn
 from agent_api.agent.server import Agent, find_serial_port
-from agent_api.client import AgentClient
+from agent_api.client.rpc import AgentClient
 from proto.kata import agent_pb2, oci_pb2
 from proto.ttrpc import ttrpc_pb2
-from shim.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                          ResourceExhausted, Unimplemented)
 from ttrpc import framing
 
@@ -121,7 +121,7 @@ async def test_reaper_and_run() -> None:
             if pid in reaper._unclaimed:
                 break
         assert await asyncio.wait_for(reaper.watch(pid), 5) == 0
-        from shim.errors import DeadlineExceeded
+        from common.errors import DeadlineExceeded
         with pytest.raises(DeadlineExceeded):
             await run(reaper, ["sleep", "10"], timeout=0.2)
     finally:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from agent_api.agent import config
-from agent_api.agent.spec import adapt_for_guest, json_name, process_to_json, resources_to_json
+from agent_api.agent import agent_config as config
+from agent_api.agent.spec import adapt_for_guest, process_to_json, resources_to_json
+from agent_api.oci_codec import json_name
 from agent_api.agent.validate import check_exec_id, check_id, check_read_len, check_signal, path_within
 from proto.kata import oci_pb2
-from shim.errors import ConfigError, InvalidArgument
+from common.errors import ConfigError, InvalidArgument
 
 SHARED = "/run/kata-containers/shared/containers"
 
@@ -176,7 +177,7 @@ def test_cmdline_and_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_storage_args_for_9p_share() -> None:
-    from agent_api.agent.sandbox import storage_args
+    from agent_api.agent.guest_sandbox import storage_args
     from proto.kata import agent_pb2
     st = agent_pb2.Storage(driver="9p", source="kataShared", fstype="9p", options=["nodev", "cache=mmap"],
                            mount_point=SHARED)

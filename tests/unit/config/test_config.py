@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from shim import config
-from shim.errors import ConfigError, InvalidArgument
+from common.errors import ConfigError, InvalidArgument
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -1,5 +1,5 @@
 """CriClient against an in-process gRPC CRI server on a Unix socket: request building (what
-kubelet would send), error mapping into shim.errors, the sandbox-config round trip, the CLI."""
+kubelet would send), error mapping into common.errors, the sandbox-config round trip, the CLI."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +16,7 @@ from cri.__main__ import main as cli_main
 from cri.client import CriClient, target
 from proto.cri.runtime.v1 import api_pb2 as api
 from proto.cri.runtime.v1 import api_pb2_grpc as api_grpc
-from shim.errors import InvalidArgument, NotFound, Unavailable
+from common.errors import InvalidArgument, NotFound, Unavailable
 
 
 class FakeRuntime(api_grpc.RuntimeServiceServicer):

@@ -4,7 +4,7 @@ import pytest
 
 from hypervisor.base import NetDevice, SharedDir, VmConfig
 from hypervisor.qemu import cmdline
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 CPUINFO_VMX = "processor\t: 0\nflags\t\t: fpu vme de pse vmx sse2\n"
 CPUINFO_SVM = "processor\t: 0\nflags\t\t: fpu svm lm\n"

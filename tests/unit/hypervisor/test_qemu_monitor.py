@@ -6,7 +6,7 @@ import os
 import pytest
 
 from hypervisor.qemu.monitor import QmpMonitor
-from shim.errors import ConnectionClosed, DeadlineExceeded, HypervisorError
+from common.errors import ConnectionClosed, DeadlineExceeded, HypervisorError
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
                     "capabilities": []}}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 from shim.resources.network.endpoint import (
     NUD_PERMANENT,
     RT_SCOPE_LINK,

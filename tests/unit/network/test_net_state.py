@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from shim.errors import InvalidArgument, NotFound
+from common.errors import InvalidArgument, NotFound
 from shim.resources.network import state as st
 from shim.resources.network.state import TcFilterState
 from shim.resources.network.tcfilter import TcFilterNetwork

@@ -98,7 +98,7 @@ def test_tap_ifreq_and_flags() -> None:
 
 
 def test_bad_names_rejected() -> None:
-    from shim.errors import InvalidArgument
+    from common.errors import InvalidArgument
 
     for bad in ("", "x" * 16, "a/b", "a b"):
         with pytest.raises(InvalidArgument):

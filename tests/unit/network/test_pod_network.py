@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 from shim.resources.network import pod
 from shim.resources.network.endpoint import IPAddr, Route, VethEndpoint
 from shim.resources.network.tap import MAX_QUEUES

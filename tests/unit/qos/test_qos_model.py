@@ -9,7 +9,7 @@ import pytest
 
 from shim import config
 from shim.config import ColoConfig
-from shim.errors import ConfigError
+from common.errors import ConfigError
 from shim.resources.qos import (QosConfig, parse_vcpu_priorities, priority_map, render_guest_json,
                                 shares_to_weight, weight_to_shares)
 from shim.resources.qos.cgroup_v2 import render_knobs

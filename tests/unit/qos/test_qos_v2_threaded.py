@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shim.config import ColoConfig
-from shim.errors import ResourceError
+from common.errors import ResourceError
 from shim.resources.qos import QosConfig, QosManager
 from shim.resources.qos.cgroup_v2 import V2Driver
 from shim.resources.qos.cgroupfs import cgroup_mounts, v2_mountpoint

@@ -2,10 +2,10 @@ from proto.kata import agent_pb2, oci_pb2
 
 import pytest
 
-from agent_api.agent.spec import to_json
-from shim.errors import InvalidArgument
-from agent_api.ocispec import spec_from_oci
-from shim.guest import stats_from_pb
+from agent_api.oci_codec import to_json
+from common.errors import InvalidArgument
+from agent_api.oci_codec import spec_from_oci
+from agent_api.client.convert import stats_from_pb
 
 SPEC = {
     "ociVersion": "1.0.2-dev",

@@ -1,7 +1,7 @@
 import pytest
 
-from shim import ocispec
-from shim.errors import InvalidArgument
+from shim import oci_guest as ocispec
+from common.errors import InvalidArgument
 
 
 def _spec(**over):

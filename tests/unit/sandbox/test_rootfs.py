@@ -4,7 +4,7 @@ import pytest
 
 from shim import rootfs
 from shim.backend import Mount
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 pytestmark = pytest.mark.root
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 from shim.stdio import ProcessIO, StdioSpec
 
 

@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2
 
 from proto.containerd.services.events import ttrpc_pb2 as evsvc_pb2
 from proto.containerd.task.v2 import shim_pb2
-from shim.errors import to_status
+from common.errors import to_status
 from shim.events import EventPublisher
 from shim.task_service import TaskService
 from tests.fakes.event_sink import EventSink

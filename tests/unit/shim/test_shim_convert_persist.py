@@ -12,7 +12,7 @@ from proto.containerd.task.v2 import shim_pb2
 from proto.runtimeoptions.v1 import options_pb2
 from shim import convert, persist
 from shim.backend import ExitInfo, Stats, Stdio
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 from shim.process import Process, Status
 
 
@@ -90,5 +90,5 @@ def test_persist_round_trip_atomic(tmp_path):
     persist.remove(d)
     persist.remove(d)  # idempotent
     assert persist.load(d) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         persist.state_dir("../x", tmp_path)

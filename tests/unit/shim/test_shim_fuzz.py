@@ -9,7 +9,7 @@ import pytest
 
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from shim.errors import to_status
+from common.errors import to_status
 from shim.events import EventPublisher
 from shim.task_service import TaskService
 from tests.fakes.host_process_backend import HostProcessBackend

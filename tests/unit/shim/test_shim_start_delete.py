@@ -1,4 +1,4 @@
-"""The binary contract (PROTOCOLS.md §1) through the test wrapper, as containerd drives it:
+"""The binary contract (docs/protocols.md §1) through the test wrapper, as containerd drives it:
 `start` spawns/reuses the daemon and prints its address, `delete` is idempotent and cleans up
 after a dead shim."""
 from __future__ import annotations

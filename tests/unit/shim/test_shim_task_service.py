@@ -1,4 +1,4 @@
-"""Task service semantics (PROTOCOLS.md §5) with the host test backend over a real ttrpc
+"""Task service semantics (docs/protocols.md §5) with the host test backend over a real ttrpc
 connection; events are received by a capture Events server through the real publisher."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from google.protobuf import any_pb2
 
 from proto.containerd.cgroups.v1 import metrics_pb2
 from proto.containerd.task.v2 import shim_pb2
-from shim.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                          Unavailable, Unimplemented)
 from shim.process import Status
 
@@ -141,10 +141,14 @@ async def test_pause_resume_pids_stats_update_connect(shim):
     await shim.call("Resume", shim_pb2.ResumeRequest(id="p"))
     pids = await shim.call("Pids", shim_pb2.PidsRequest(id="p"), shim_pb2.PidsResponse)
     assert [p.pid for p in pids.processes] == [c.pid]
-    stats = await shim.call("Stats", shim_pb2.StatsRequest(id="p"), shim_pb2.StatsResponse)
-    assert stats.stats.type_url == "io.containerd.cgroups.v1.Metrics"
     m = metrics_pb2.Metrics()
-    m.ParseFromString(stats.stats.value)
+    for _ in range(100):  # the resumed child may still be between fork and exec (rss reads 0)
+        stats = await shim.call("Stats", shim_pb2.StatsRequest(id="p"), shim_pb2.StatsResponse)
+        assert stats.stats.type_url == "io.containerd.cgroups.v1.Metrics"
+        m.ParseFromString(stats.stats.value)
+        if m.memory.usage.usage > 0:
+            break
+        await asyncio.sleep(0.02)
     assert m.memory.usage.usage > 0 and m.pids.current == 1
     res = any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
                       value=b'{"cpu": {"shares": 512}}')

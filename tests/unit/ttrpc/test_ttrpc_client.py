@@ -11,7 +11,7 @@ from ttrpc_testlib import SVC, TaskImpl, assert_no_other_tasks
 
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from shim import errors
+from common import errors
 from ttrpc import Client, Server, ServerContext, framing
 
 Served = tuple[Server, TaskImpl, str]

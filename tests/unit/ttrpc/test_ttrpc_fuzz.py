@@ -10,7 +10,7 @@ from ttrpc_testlib import SVC, TaskImpl, request_bytes
 
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from shim import errors
+from common import errors
 from ttrpc import Client, Server, framing
 
 Served = tuple[Server, TaskImpl, str]

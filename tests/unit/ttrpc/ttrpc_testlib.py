@@ -7,7 +7,7 @@ from google.protobuf import empty_pb2
 
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from shim import errors
+from common import errors
 from ttrpc import ServerContext, framing
 
 SVC = "containerd.task.v2.Task"

@@ -1,9 +1,10 @@
-"""Host side: OCI runtime-spec JSON (``config.json`` as containerd writes it) ↔ kata's
-protobuf ``grpc.Spec`` carried by CreateContainerRequest.OCI.
+"""OCI runtime-spec JSON (``config.json`` as containerd writes it) ↔ kata's protobuf ``grpc.Spec``
+carried by CreateContainerRequest.OCI. Shared by both sides of the VM: the host encodes
+(:func:`spec_from_oci`), the guest agent decodes (:func:`to_json`).
 
-The mapping is the inverse of the agent's :func:`agent_api.agent.spec.to_json`: a JSON key is
-the protobuf field name with its first letter lower-cased, except the names in
-``agent.spec._JSON_NAMES``. OCI keys kata's proto has no field for (``process.ioPriority``,
+A JSON key is the protobuf field name with its first letter lower-cased, except the names in
+:data:`_JSON_NAMES`. Zero values are omitted when decoding (proto3 has no presence), except the
+fields OCI requires (:data:`_ALWAYS`). OCI keys kata's proto has no field for (``process.ioPriority``,
 ``linux.personality``, ``domainname``, …) are dropped and reported through ``dropped``; a value of
 the wrong JSON type raises InvalidArgument. A device cgroup rule without major/minor ("any")
 becomes -1, the agent's encoding of Go's nil.
@@ -15,9 +16,33 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from agent_api.agent.spec import json_name, to_json
 from proto.kata import oci_pb2
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
+
+_JSON_NAMES = {
+    "Version": "ociVersion",
+    "UID": "uid",
+    "GID": "gid",
+    "OOMScoreAdj": "oomScoreAdj",
+    "UIDMappings": "uidMappings",
+    "GIDMappings": "gidMappings",
+    "CPU": "cpu",
+    "Pagesize": "pageSize",
+    "errnoret": "errnoRet",
+    "L3CacheSchema": "l3CacheSchema",
+}
+# (message full name, field name) emitted even when zero
+_ALWAYS = {
+    ("grpc.User", "UID"), ("grpc.User", "GID"),
+    ("grpc.LinuxDeviceCgroup", "Allow"),
+    ("grpc.LinuxDevice", "Major"), ("grpc.LinuxDevice", "Minor"),
+    ("grpc.LinuxIDMapping", "HostID"), ("grpc.LinuxIDMapping", "ContainerID"),
+    ("grpc.LinuxIDMapping", "Size"),
+    ("grpc.POSIXRlimit", "Hard"), ("grpc.POSIXRlimit", "Soft"),
+    ("grpc.LinuxSeccompArg", "Index"), ("grpc.LinuxSeccompArg", "Value"),
+}
+# messages skipped entirely (host-side features or other platforms)
+_SKIP = {("grpc.Spec", "Hooks"), ("grpc.Spec", "Solaris"), ("grpc.Spec", "Windows")}
 
 _INT_TYPES = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
               FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
@@ -113,3 +138,40 @@ def resources_from_oci(resources: dict[str, Any],
 def spec_to_oci(spec: Message) -> dict[str, Any]:
     """grpc.Spec (or any of its sub-messages) → OCI JSON dict (no guest adaptation)."""
     return to_json(spec)
+
+
+def json_name(field: str) -> str:
+    return _JSON_NAMES.get(field) or field[:1].lower() + field[1:]
+
+
+def to_json(msg: Message) -> dict[str, Any]:
+    """Generic protobuf → OCI JSON dict walk (see module doc for the naming rules)."""
+    out: dict[str, Any] = {}
+    full = msg.DESCRIPTOR.full_name
+    present = {fd.name: value for fd, value in msg.ListFields()}
+    for fd in msg.DESCRIPTOR.fields:
+        if (full, fd.name) in _SKIP:
+            continue
+        name = json_name(fd.name)
+        if fd.name not in present:
+            if (full, fd.name) in _ALWAYS:
+                out[name] = getattr(msg, fd.name)
+            continue
+        value = present[fd.name]
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            out[name] = dict(value)
+        elif fd.is_repeated:
+            if fd.message_type is not None:
+                out[name] = [to_json(v) for v in value]
+            else:
+                out[name] = list(value)
+        elif fd.message_type is not None:
+            out[name] = to_json(value)
+        else:
+            out[name] = value
+    if full == "grpc.LinuxDeviceCgroup":
+        # kata encodes "any" major/minor as -1 (Go nil); OCI omits them
+        for key in ("major", "minor"):
+            if key in out and out[key] < 0:
+                del out[key]
+    return out

@@ -1,5 +1,8 @@
 """The one error hierarchy of kata-colo and its mapping to ttrpc/gRPC status codes.
 
+Host and guest neutral (``common/``): the shim, the agent client, ttrpc, the hypervisor drivers
+and the in-guest agent all raise these.
+
 Every layer (shim task service, agent client, in-guest agent, hypervisor drivers, resources)
 raises subclasses of :class:`KataColoError`. :func:`to_status` is the only place where an
 exception becomes a wire status; :func:`from_status` is the only place where a wire status
@@ -128,24 +131,26 @@ _BY_CODE: dict[Code, type[KataColoError]] = {
 
 
 def to_status(exc: BaseException) -> tuple[int, str]:
-    """Map any exception raised while serving a request to (code, message)."""
+    """Map any exception raised while serving a request to (code, message).
+
+    Only our typed errors and a failure to decode the client's bytes say something about the
+    request; every other exception is a bug of ours (or a host failure we did not type) and is
+    INTERNAL, which the ttrpc server logs with its traceback (:func:`is_internal`).
+    """
     if isinstance(exc, KataColoError):
         return int(exc.code), exc.message
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11
         return int(Code.DEADLINE_EXCEEDED), str(exc) or "deadline exceeded"
     if isinstance(exc, asyncio.CancelledError):
         return int(Code.CANCELLED), "cancelled"
-    if isinstance(exc, FileNotFoundError):
-        return int(Code.NOT_FOUND), str(exc)
-    if isinstance(exc, FileExistsError):
-        return int(Code.ALREADY_EXISTS), str(exc)
-    if isinstance(exc, PermissionError):
-        return int(Code.PERMISSION_DENIED), str(exc)
-    if isinstance(exc, (ValueError, TypeError, KeyError, UnicodeDecodeError, DecodeError)):
-        return int(Code.INVALID_ARGUMENT), f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, NotImplementedError):
-        return int(Code.UNIMPLEMENTED), str(exc) or "not implemented"
+    if isinstance(exc, (DecodeError, UnicodeDecodeError)):
+        return int(Code.INVALID_ARGUMENT), f"cannot decode request: {type(exc).__name__}: {exc}"
     return int(Code.INTERNAL), f"{type(exc).__name__}: {exc}"
+
+
+def is_internal(code: int) -> bool:
+    """Codes whose cause is ours to fix: the server logs their traceback."""
+    return code in (Code.INTERNAL, Code.UNKNOWN)
 
 
 def from_status(code: int, message: str) -> KataColoError:

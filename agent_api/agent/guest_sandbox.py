@@ -3,39 +3,21 @@ watcher feeding GetOOMEvent."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import socket
 
-from agent_api.agent.config import SHARED_MOUNT_BASE, AgentConfig
+from agent_api.agent.agent_config import SHARED_MOUNT_BASE, AgentConfig
 from agent_api.agent.containers import Containers
 from agent_api.agent.validate import check_id, path_within
 from proto.kata import agent_pb2
-from shim.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceError
+from common.mount import mount, parse_options, umount
 
 log = logging.getLogger(__name__)
 
-MS_FLAGS = {"ro": 1, "rdonly": 1, "nosuid": 2, "nodev": 4, "noexec": 8, "sync": 16,
-            "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21, "rw": 0}
-MNT_DETACH = 2
 DRIVERS = {"9p": "9p", "virtio-fs": "virtiofs", "ephemeral": "tmpfs"}
 HOSTNAME_MAX = 64
-
-
-def mount_options(options: list[str]) -> tuple[int, str]:
-    """fstab-style options → (MS_* flags, data string). An entry may hold several
-    comma-separated options: kata's runtime sends 9p's as "trans=virtio,version=9p2000.L,cache=mmap"."""
-    flags = 0
-    data = []
-    for opt in (o for entry in options for o in entry.split(",")):
-        if not opt or "\x00" in opt or len(opt) > 256:
-            raise InvalidArgument(f"invalid mount option {opt!r}")
-        if opt in MS_FLAGS:
-            flags |= MS_FLAGS[opt]
-        else:
-            data.append(opt)
-    return flags, ",".join(data)
 
 
 def storage_args(st: agent_pb2.Storage) -> tuple[str, str, str, int, str]:
@@ -48,25 +30,17 @@ def storage_args(st: agent_pb2.Storage) -> tuple[str, str, str, int, str]:
     target = path_within(st.mount_point, SHARED_MOUNT_BASE)
     if not st.source or "\x00" in st.source or len(st.source) > 255:
         raise InvalidArgument("storage source is empty or invalid")
-    flags, data = mount_options(list(st.options))
+    flags, data = parse_options(st.options)
     if fstype == "9p" and "trans=" not in data:
         data = ",".join(filter(None, ["trans=virtio", "version=9p2000.L", data]))
     return st.source, target, fstype, flags, data
 
 
-def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
-                    data.encode() if data else None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise Internal(f"mount {source} on {target} ({fstype}): {os.strerror(err)}")
-
-
 def _umount(target: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(target.encode(), MNT_DETACH) != 0:
-        log.warning("umount %s: %s", target, os.strerror(ctypes.get_errno()))
+    try:
+        umount(target)
+    except ResourceError as exc:
+        log.warning("%s", exc)
 
 
 class Sandbox:
@@ -117,7 +91,7 @@ class Sandbox:
         try:
             for source, target, fstype, flags, data in planned:
                 os.makedirs(target, exist_ok=True)
-                _mount(source, target, fstype, flags, data)
+                mount(source, target, fstype, flags, data)
                 self.mounts.append(target)
         except BaseException:
             self._unmount_all()

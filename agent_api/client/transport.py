@@ -13,7 +13,7 @@ import asyncio
 import socket
 from dataclasses import dataclass
 
-from shim.errors import AgentError, DeadlineExceeded, InvalidArgument
+from common.errors import AgentError, DeadlineExceeded, InvalidArgument
 
 RETRY_INTERVAL = 0.05
 STREAM_LIMIT = 2**20

@@ -5,12 +5,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from shim.errors import ConfigError
+from common.errors import ConfigError
+from common.guest_paths import AGENT_PORT_NAME as SERIAL_PORT_NAME
+from common.guest_paths import AGENT_VSOCK_PORT as VSOCK_PORT
+from common.guest_paths import GUEST_SHARED_DIR as SHARED_DIR
+from common.guest_paths import SHARED_MOUNT_BASE
 
-SHARED_DIR = "/run/kata-containers/shared/containers"
-SHARED_MOUNT_BASE = "/run/kata-containers"
-VSOCK_PORT = 1024
-SERIAL_PORT_NAME = "agent.channel.0"
+__all__ = ["SERIAL_PORT_NAME", "SHARED_DIR", "SHARED_MOUNT_BASE", "VSOCK_PORT", "AgentConfig", "load"]
 
 
 @dataclasses.dataclass(frozen=True)

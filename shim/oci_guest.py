@@ -14,7 +14,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from shim.errors import InvalidArgument
+from common.errors import InvalidArgument
 
 # Mount types the guest provides itself; never shared from the host.
 _GUEST_FS = {"proc", "sysfs", "devpts", "tmpfs", "mqueue", "cgroup", "cgroup2", "shm"}

@@ -1,76 +1,23 @@
 """The sandbox's view of the guest agent: plain values in, kata protobufs on the wire.
 
-Wraps :class:`agent_api.client.AgentClient` (which owns transports and the per-RPC timeout
-table). OCI JSON (as containerd writes it) becomes kata's protobuf ``grpc.Spec`` / ``grpc.Process`` /
-``grpc.LinuxResources`` through :mod:`agent_api.ocispec`; kata's StatsContainerResponse becomes
-the shim's :class:`Stats`.
+Wraps :class:`agent_api.client.rpc.AgentClient` (which owns transports and the per-RPC timeout
+table); every conversion goes through :mod:`agent_api.client.convert`.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Mapping, TypeVar
+from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
-from agent_api.client import AgentClient
-from agent_api.ocispec import process_from_oci, resources_from_oci, spec_from_oci
+from agent_api.client import convert
+from agent_api.client.rpc import AgentClient
+from common.errors import AgentError, KataColoError
 from hypervisor.base import AgentAddress
-from proto.kata import agent_pb2, types_pb2
 from shim.backend import Stats
-from shim.errors import AgentError, InvalidArgument, KataColoError
-from shim.rootfs import GUEST_SHARED_DIR
-
-NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "cache=mmap", "msize=512000")
-M = TypeVar("M", bound=Message)
-
-
-def stats_from_pb(resp: agent_pb2.StatsContainerResponse) -> Stats:
-    cg = resp.cgroup_stats
-    cpu, mem, pids = cg.cpu_stats.cpu_usage, cg.memory_stats, cg.pids_stats
-    extra = dict(mem.stats)
-    return Stats(
-        cpu_usage_ns=cpu.total_usage, cpu_user_ns=cpu.usage_in_usermode, cpu_kernel_ns=cpu.usage_in_kernelmode,
-        memory_usage=mem.usage.usage, memory_limit=mem.usage.limit, memory_rss=extra.get("anon", extra.get("rss", 0)),
-        memory_cache=mem.cache or extra.get("file", 0),
-        memory_inactive_file=extra.get("inactive_file", extra.get("total_inactive_file", 0)),
-        pg_fault=extra.get("pgfault", 0), pg_maj_fault=extra.get("pgmajfault", 0),
-        pids_current=pids.current, pids_limit=pids.limit)
-
-
-def _from_dict(value: Mapping[str, Any], message: M, what: str) -> M:
-    try:
-        return json_format.ParseDict(dict(value), message)
-    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
-        raise InvalidArgument(f"bad {what} {value!r}: {exc}") from None
-
-
-def interface_from_dict(d: Mapping[str, Any]) -> types_pb2.Interface:
-    """A kata-shaped ``Interface`` dict (VethEndpoint.to_agent_interface) → protobuf."""
-    return _from_dict(d, types_pb2.Interface(), "interface")
-
-
-def route_from_dict(d: Mapping[str, Any]) -> types_pb2.Route:
-    """A kata-shaped ``Route`` dict (VethEndpoint.to_agent_routes) → protobuf."""
-    return _from_dict(d, types_pb2.Route(), "route")
-
-
-def neighbor_from_dict(d: Mapping[str, Any]) -> types_pb2.ARPNeighbor:
-    """A kata-shaped ``ARPNeighbor`` dict (VethEndpoint.to_agent_neighbors) → protobuf."""
-    return _from_dict(d, types_pb2.ARPNeighbor(), "ARP neighbor")
-
-
-def agent_url(addr: AgentAddress) -> str:
-    if addr.transport == "virtio-serial":
-        return f"unix://{addr.path}"
-    if addr.transport == "vsock":
-        return f"vsock://{addr.cid}:{addr.port}"
-    return f"hvsock://{addr.path}:{addr.port}"
 
 
 class GuestAgent:
     def __init__(self, address: AgentAddress) -> None:
-        self.client = AgentClient(agent_url(address))
+        self.client = AgentClient(convert.agent_url(address))
 
     async def connect(self, timeout: float, vm_gone: asyncio.Event) -> None:
         """Wait for the agent to answer Health.Check, giving up early if the VM dies."""
@@ -92,9 +39,8 @@ class GuestAgent:
         await self.client.close()
 
     async def create_sandbox(self, sandbox_id: str, *, hostname: str, share_tag: str) -> None:
-        storage = agent_pb2.Storage(driver="9p", source=share_tag, fstype="9p", options=list(NINEP_OPTIONS),
-                                    mount_point=GUEST_SHARED_DIR)
-        await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=[storage])
+        await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname,
+                                         storages=[convert.ninep_storage(share_tag)])
 
     async def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]],
                                 neighbors: list[dict[str, Any]]) -> None:
@@ -102,9 +48,9 @@ class GuestAgent:
         UpdateRoutes once with all routes (replacing the guest's), then AddARPNeighbors. The
         dicts are kata-shaped (shim.resources.network.endpoint); all are converted (and a bad
         one rejected with InvalidArgument) before anything is sent."""
-        ifaces = [interface_from_dict(d) for d in interfaces]
-        route_pbs = [route_from_dict(d) for d in routes]
-        neigh_pbs = [neighbor_from_dict(d) for d in neighbors]
+        ifaces = [convert.interface_from_dict(d) for d in interfaces]
+        route_pbs = [convert.route_from_dict(d) for d in routes]
+        neigh_pbs = [convert.neighbor_from_dict(d) for d in neighbors]
         for iface in ifaces:
             await self.client.update_interface(iface)
         await self.client.update_routes(route_pbs)
@@ -115,13 +61,13 @@ class GuestAgent:
         await self.client.set_vcpu_priorities(mapping)
 
     async def create_container(self, container_id: str, spec: dict[str, Any]) -> None:
-        await self.client.create_container(container_id, spec_from_oci(spec))
+        await self.client.create_container(container_id, convert.spec_from_oci(spec))
 
     async def start_container(self, container_id: str) -> None:
         await self.client.start_container(container_id)
 
     async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> None:
-        await self.client.exec_process(container_id, exec_id, process_from_oci(process))
+        await self.client.exec_process(container_id, exec_id, convert.process_from_oci(process))
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int, all_processes: bool = False) -> None:
         await self.client.signal_process(container_id, exec_id, signal)
@@ -157,10 +103,10 @@ class GuestAgent:
         await self.client.resume_container(container_id)
 
     async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
-        await self.client.update_container(container_id, resources_from_oci(resources))
+        await self.client.update_container(container_id, convert.resources_from_oci(resources))
 
     async def stats(self, container_id: str) -> Stats:
-        return stats_from_pb(await self.client.stats_container(container_id))
+        return convert.stats_from_pb(await self.client.stats_container(container_id))
 
     async def next_oom(self) -> str:
         return await self.client.get_oom_event()

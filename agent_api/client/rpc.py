@@ -3,7 +3,7 @@ plus kata-colo's kata_colo.v1.Colo extension).
 
 Grouped like kata's agent interface: sandbox, network, containers, processes, io, health. Every
 RPC's deadline comes from the one table :data:`TIMEOUTS` (None = wait as long as it takes: the
-process/stream/OOM calls block by design). Errors are :mod:`shim.errors` classes; a read at end
+process/stream/OOM calls block by design). Errors are :mod:`common.errors` classes; a read at end
 of stream returns b"" (kata's agent signals EOF as an INTERNAL "eof" error).
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import TypeVar
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from agent_api import transport
+from agent_api.client import transport
 from proto.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from proto.kata_colo import colo_pb2
-from shim.errors import AgentError, DeadlineExceeded, Internal, Unavailable
+from common.errors import AgentError, DeadlineExceeded, Internal, Unavailable
 from ttrpc import Client, framing
 
 AGENT_SERVICE = "grpc.AgentService"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent_api.agent.fdio import ConsoleSocket, FdReader, FdWriter, set_winsize
 from agent_api.agent.runc import Stdio
-from shim.errors import FailedPrecondition, Internal
+from common.errors import FailedPrecondition, Internal
 
 CONSOLE_TIMEOUT = 60.0
 CONSOLE_FAIL_GRACE = 10.0  # wait for runc's error after it closed the console socket
