@@ -22,13 +22,14 @@ async def _floor_once(bare: bool = False) -> float:
     from agent_api.client.rpc import AgentClient
     from hypervisor.qemu.driver import QemuHypervisor
     from shim import config
-    from agent_api.client.facade import agent_url
-    from shim.sandbox import vm_config
+    from agent_api.client.convert import agent_url
+    from hypervisor.base import SharedDir
+    from shim.sandbox.vmconfig import vm_config
 
     d = Path(tempfile.mkdtemp(prefix="kc-floor-", dir="/run"))
     try:
         (d / "shared").mkdir()
-        vmcfg = vm_config(config.load(), d.name, d / "vm", "kataShared", d / "shared")
+        vmcfg = vm_config(config.load(), d.name, d / "vm", shared_dirs=(SharedDir("kataShared", str(d / "shared")),))
         if bare:
             import dataclasses
 

@@ -191,10 +191,10 @@ def main() -> None:
 
 
 def _accel() -> str:
-    from hypervisor.qemu.driver import QemuHypervisor
+    from hypervisor import host
     from shim import config
 
-    return QemuHypervisor().resolve_accel(config.load().hypervisor.accel)
+    return host.resolve_accel(config.load().hypervisor.options.accel)
 
 
 if __name__ == "__main__":

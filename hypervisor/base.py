@@ -1,27 +1,34 @@
 """The hypervisor contract the sandbox uses, and the plain data it speaks in.
 
-A driver (QEMU today, Cloud Hypervisor later) implements :class:`Hypervisor`. Everything here is
-VMM-neutral: no QMP, no REST. The lifecycle is ``prepare(cfg)`` → ``start(timeout)`` → (``pause`` /
-``resume`` / devices / memory) → ``stop()`` → ``cleanup()``; ``wait()`` resolves whenever the VMM
-process exits, also when it dies on its own. ``cleanup()`` is idempotent and removes everything
-``prepare``/``start`` created.
+A driver (``hypervisor.qemu``, ``hypervisor.clh``) implements the small core protocol
+:class:`Hypervisor`; what only some VMMs can do is a separate capability protocol the sandbox asks
+for with ``isinstance`` (:class:`PauseResume`, :class:`DeviceHotplug`, :class:`MemoryControl`,
+:class:`Snapshot`, :class:`VmmMetrics`). Everything here is VMM-neutral: no QMP, no REST. A
+driver's own ``[hypervisor.<name>]`` options travel in :attr:`VmConfig.options` as the driver's
+dataclass; drivers are found by name in :mod:`hypervisor.registry`.
+
+Lifecycle: ``prepare(cfg)`` → ``start(timeout)`` → (capabilities) → ``stop()`` → ``cleanup()``;
+``wait()`` resolves whenever the VMM process exits, also when it dies on its own. ``cleanup()`` is
+idempotent and removes everything ``prepare``/``start`` created. :meth:`Hypervisor.record` is
+what the classmethod :meth:`Hypervisor.recover` needs to kill a leftover VMM and remove its files
+from a fresh process (``delete`` after a shim crash); the sandbox persists it before ``start``.
+
+Errors are :mod:`common.errors` classes (HypervisorError for a VMM that fails or refuses).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, Union, runtime_checkable
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
-Accel = Literal["auto", "kvm", "tcg"]
 AgentTransport = Literal["virtio-serial", "vsock", "hybrid-vsock"]
 
 #: vCPU index → host thread id (TID) of the thread running that vCPU.
 VcpuThreads = dict[int, int]
 
 
-
 @dataclass(frozen=True)
 class SharedDir:
-    """A host directory exported to the guest over virtio-9p under ``tag``."""
+    """A host directory exported to the guest under ``tag`` (virtio-9p with QEMU)."""
 
     tag: str
     host_path: str
@@ -41,6 +48,7 @@ class NetDevice:
     mac: str
     tap_fds: tuple[int, ...]
     vhost: bool = False
+    tap_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,29 +61,49 @@ class VfioDevice:
 
 @dataclass(frozen=True)
 class BlockDevice:
-    """A raw block device or image file attached as virtio-blk."""
+    """A raw block device or image file given to the guest.
+
+    ``driver`` is the guest-visible controller: ``virtio-blk``, ``virtio-scsi`` or ``nvme``
+    (QEMU's emulated NVMe controller); ``serial`` is what the guest sees as the disk's serial
+    (the agent finds the disk by it).
+    """
 
     id: str
     path: str
     readonly: bool = False
+    driver: str = "virtio-blk"
+    serial: str = ""
 
 
 Device = Union[NetDevice, VfioDevice, BlockDevice]
 
 
 @dataclass(frozen=True)
-class VmConfig:
-    """Everything needed to boot one sandbox VM. Validated by the driver's ``prepare``.
+class AttachedDevice:
+    """A device the guest can now see: ``guest_pci_path`` is kata's PCI path
+    (``<bridge slot>/<device slot>`` in hex, e.g. ``02/00``) the agent resolves in sysfs."""
 
-    Sizes: ``memory_mib`` is boot RAM; ``max_memory_mib`` > ``memory_mib`` together with
-    ``memory_slots`` > 0 enables DIMM hotplug (0 = no hotplug). ``max_vcpus`` 0 means
-    ``vcpus``. ``cpu_model`` "" lets the driver choose (``max`` under TCG, ``host`` under KVM).
-    ``vsock_cid`` is the guest CID when ``agent_channel`` is ``vsock``.
+    id: str
+    guest_pci_path: str = ""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Everything needed to boot one VM. Validated by the driver's ``prepare``.
+
+    ``vm_id`` names the VM (its identity, which a template clone does not share with the
+    sandbox that gets it); ``state_dir`` holds the VMM's sockets and logs. Sizes: ``memory_mib``
+    is boot RAM; ``max_memory_mib`` > ``memory_mib`` allows memory hotplug. ``max_vcpus`` 0 means
+    ``vcpus``. ``vsock_cid``/``vsock_fd`` are the guest CID reserved on /dev/vhost-vsock
+    (:func:`hypervisor.host.reserve_vsock_cid`) when ``agent_channel`` is ``vsock``.
+    ``options`` is the driver's own options dataclass (``[hypervisor.<name>]`` keys only it
+    knows); None means the driver's defaults.
     """
 
-    sandbox_id: str
+    vm_id: str
     state_dir: str
     kernel: str
+    hypervisor_path: str
     initrd: str = ""
     image: str = ""
     kernel_params: str = ""
@@ -83,20 +111,38 @@ class VmConfig:
     max_vcpus: int = 0
     memory_mib: int = 512
     max_memory_mib: int = 0
-    memory_slots: int = 0
-    accel: Accel = "auto"
-    machine: str = "q35"
-    cpu_model: str = ""
     shared_dirs: tuple[SharedDir, ...] = ()
     agent_channel: AgentTransport = "virtio-serial"
     vsock_cid: int = 0
+    vsock_fd: int = -1
     vsock_port: int = 1024
-    balloon: bool = True
-    pcie_root_ports: int = 0
     nics: tuple[NetDevice, ...] = ()
-    hypervisor_path: str = "/usr/bin/qemu-system-x86_64"
+    disks: tuple[BlockDevice, ...] = ()
+    vfio: tuple[VfioDevice, ...] = ()
     debug: bool = False
-    extra_args: tuple[str, ...] = ()
+    options: Any = None
+
+
+@dataclass(frozen=True)
+class VmPatch:
+    """What one sandbox resource adds to the VM before boot (merged in resource order)."""
+
+    shared_dirs: tuple[SharedDir, ...] = ()
+    nics: tuple[NetDevice, ...] = ()
+    disks: tuple[BlockDevice, ...] = ()
+    vfio: tuple[VfioDevice, ...] = ()
+    kernel_params: tuple[str, ...] = ()
+
+
+def apply_patches(cfg: VmConfig, patches: list[VmPatch]) -> VmConfig:
+    """``cfg`` with every patch's devices appended and kernel parameters added."""
+    params = [cfg.kernel_params] if cfg.kernel_params else []
+    out = cfg
+    for p in patches:
+        out = replace(out, shared_dirs=out.shared_dirs + p.shared_dirs, nics=out.nics + p.nics,
+                      disks=out.disks + p.disks, vfio=out.vfio + p.vfio)
+        params.extend(p.kernel_params)
+    return replace(out, kernel_params=" ".join(params))
 
 
 @dataclass(frozen=True)
@@ -115,14 +161,14 @@ class AgentAddress:
 
 @dataclass(frozen=True)
 class Capabilities:
-    block_hotplug: bool = False
-    net_hotplug: bool = False
-    vfio_hotplug: bool = False
+    """Static facts about a driver with a given config (what the sandbox may plan for)."""
+
+    shared_fs: tuple[str, ...] = ()          # e.g. ("virtio-9p",); () = no shared filesystem
+    agent_transports: tuple[str, ...] = ()
+    block_drivers: tuple[str, ...] = ()      # cold-plug: virtio-blk, virtio-scsi, nvme
+    hotplug: tuple[str, ...] = ()            # device kinds hot-pluggable now: net, block, vfio
     multiqueue_net: bool = False
-    memory_hotplug: bool = False
-    balloon: bool = False
-    vsock: bool = False
-    shared_fs: str = ""
+    memory: tuple[str, ...] = ()             # memory mechanisms: virtio-mem, balloon, dimm
 
 
 @dataclass(frozen=True)
@@ -137,9 +183,26 @@ class BalloonInfo:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemoryInfo:
+    """The VM's memory as the VMM sees it, in bytes: ``boot`` + ``plugged`` (virtio-mem/DIMMs)
+    is what the guest may use unless the balloon holds ``ballooned`` of it."""
+
+    boot: int
+    plugged: int = 0
+    ballooned: int = 0
+    max: int = 0
+
+    @property
+    def usable(self) -> int:
+        return self.boot + self.plugged - self.ballooned
+
+
 @runtime_checkable
 class Hypervisor(Protocol):
-    """One VM. Methods raise subclasses of common.errors.KataColoError."""
+    """One VM (the core every driver implements)."""
+
+    name: ClassVar[str]
 
     async def prepare(self, cfg: VmConfig) -> None:
         """Validate ``cfg`` and create the per-VM state directory; starts nothing."""
@@ -153,14 +216,6 @@ class Hypervisor(Protocol):
     async def wait(self) -> int:
         """Resolve with the VMM's return code when its process exits (negative = signal)."""
 
-    async def pause(self) -> None: ...
-
-    async def resume(self) -> None: ...
-
-    async def add_device(self, dev: Device) -> None: ...
-
-    async def remove_device(self, dev_id: str) -> None: ...
-
     def agent_address(self) -> AgentAddress: ...
 
     async def vcpu_threads(self) -> VcpuThreads:
@@ -170,6 +225,40 @@ class Hypervisor(Protocol):
 
     def capabilities(self) -> Capabilities: ...
 
+    def record(self) -> dict[str, Any]:
+        """JSON-able: everything :meth:`recover` needs (valid once ``prepare`` returned)."""
+
+    async def cleanup(self) -> None:
+        """Idempotent: kill a leftover VMM and remove every file ``prepare``/``start`` made."""
+
+    @classmethod
+    async def recover(cls, record: dict[str, Any], timeout: float = 3.0) -> None:
+        """From a fresh process: kill the VMM ``record`` names (only if it is still ours) and
+        remove its files. Idempotent; must not raise for things already gone."""
+
+
+@runtime_checkable
+class PauseResume(Protocol):
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
+@runtime_checkable
+class DeviceHotplug(Protocol):
+    async def add_device(self, dev: Device) -> AttachedDevice:
+        """Hot-plug ``dev``; on failure nothing of it stays attached."""
+
+    async def remove_device(self, dev_id: str, timeout: float = 10.0) -> None:
+        """Unplug and wait until the guest released it."""
+
+
+@runtime_checkable
+class MemoryControl(Protocol):
+    def memory_mechanisms(self) -> tuple[str, ...]: ...
+
+    async def memory_info(self) -> MemoryInfo: ...
+
     async def resize_memory(self, target_mib: int) -> int:
         """Hot(un)plug memory towards ``target_mib``; returns the resulting size in MiB."""
 
@@ -178,5 +267,15 @@ class Hypervisor(Protocol):
 
     async def balloon_info(self) -> BalloonInfo: ...
 
-    async def cleanup(self) -> None:
-        """Idempotent: kill a leftover VMM and remove every file ``prepare``/``start`` made."""
+
+@runtime_checkable
+class Snapshot(Protocol):
+    async def save(self, directory: str) -> None:
+        """Pause and write the VM's device state (and memory, where the VMM owns it) under
+        ``directory``; the VM stays paused."""
+
+
+@runtime_checkable
+class VmmMetrics(Protocol):
+    async def vmm_counters(self) -> dict[str, float]:
+        """Driver-specific counters for ``kata_hypervisor_*`` beyond /proc of the VMM."""

@@ -4,9 +4,12 @@
 
 ``start`` binds the group's socket (or finds the group's live shim), re-executes itself as the
 serving daemon with the listening socket as fd 3, writes ``address`` and prints it. ``delete``
-releases what persisted state says belongs to one id and prints a DeleteResponse. ``serve`` is
-the daemon (internal). The VM backend is the product's only backend; tests inject theirs by
-calling :func:`main` with ``backend_factory`` from a wrapper in tests/fakes/.
+releases what persisted state and the sandbox's resource journal say belongs to one id and
+prints a DeleteResponse. ``serve`` is the daemon (internal) and the composition root: it builds
+the one backend (the product's :class:`shim.sandbox.containers.ContainerOps` around its
+:class:`~shim.sandbox.sandbox.Sandbox`) that the Task service and the management server share.
+Tests inject their backend by calling :func:`main` with ``backend_factory`` from a wrapper in
+tests/fakes/.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from common.errors import Unavailable
 from common.version import VERSION
 
 log = logging.getLogger("shim")
-DEFAULT_BACKEND = "shim.sandbox:SandboxBackend"
+DEFAULT_BACKEND = "shim.sandbox.containers:ContainerOps"
 LISTEN_FD = 3
 _VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket", "config-path",
                 "group"}
@@ -96,7 +99,7 @@ def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise Unavailable(f"VM sandbox backend not available: {exc}") from exc
-        return cls(ctx)
+        return cls.from_context(ctx)
 
     return product
 
@@ -245,9 +248,21 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
         log.info("shim exiting")
 
 
+def _config_debug(config_path: str) -> bool:
+    """``[runtime] enable_debug`` of the configuration this shim will use (False when it does
+    not load: the first Create reports why)."""
+    from shim import config
+
+    try:
+        return config.load(config_path or None).runtime.enable_debug
+    except Exception:  # noqa: BLE001 - reported by Create, not here
+        return False
+
+
 def cmd_serve(args: Args, factory: BackendFactory) -> int:
     sock = socket.socket(fileno=LISTEN_FD)
     group = args.group or args.id
+    args.debug = args.debug or _config_debug(args.config_path)
     shim_log.setup(debug=args.debug, bundle_log=str(Path(args.bundle or ".") / "log"),
                    log_file=persist.state_dir(group) / "shim.log")
     asyncio.run(serve(args, factory, sock))

@@ -2,11 +2,16 @@
 
 Path resolution (first hit wins): the runtime option ``ConfigPath`` (runtimeoptions.v1.Options
 from containerd's CRI runtime options), ``$KATA_COLO_CONFIG``, ``/etc/kata-colo/configuration.toml``,
-then the defaults shipped in the package (``config/configuration.toml`` in the repo).
+then the defaults shipped in the package (``shim/defaults/configuration.toml``).
+
+``[runtime] hypervisor`` names the driver (:mod:`hypervisor.registry`); its ``[hypervisor.<name>]``
+table holds the keys every driver shares (:class:`HypervisorConfig`) plus the driver's own, which
+its ``Options`` dataclass parses and validates (``HypervisorConfig.options``). Tables of other
+drivers may be present and are validated too.
 
 Sandbox annotations may override a few hypervisor values (kata's
 ``io.katacontainers.config.hypervisor.<key>``) only when ``<key>`` is listed in
-``[hypervisor.qemu] enable_annotations``; anything else is a ConfigError (a clear error through
+``[hypervisor.<name>] enable_annotations``; anything else is a ConfigError (a clear error through
 ctr, raised before any resource is created).
 """
 from __future__ import annotations
@@ -19,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.errors import ConfigError
+from common.errors import ConfigError, Unavailable
+from hypervisor import host, registry
 
 DEFAULT_PATH = "/etc/kata-colo/configuration.toml"
 ENV_PATH = "KATA_COLO_CONFIG"
-PACKAGED_DEFAULT = Path(__file__).resolve().parent.parent / "config" / "configuration.toml"
+PACKAGED_DEFAULT = Path(__file__).resolve().parent / "defaults" / "configuration.toml"
 
 ANNOTATION_HV_PREFIX = "io.katacontainers.config.hypervisor."
 ANNOTATION_VCPU_PRIORITIES = "io.katacontainers.colo.vcpu-priorities"
@@ -31,34 +37,35 @@ ANNOTATION_CONTAINER_PRIORITY = "io.katacontainers.colo.container-priority"
 ANNOTATION_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 ANNOTATION_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
-_ACCELS = ("auto", "kvm", "tcg")
-_SHARED_FS = ("virtio-9p",)
+_SHARED_FS = ("virtio-9p", "none")
 _AGENT_TRANSPORTS = ("virtio-serial", "vsock", "hybrid-vsock")
+DEFAULT_HYPERVISOR = "qemu"
 _SAFE_PARAM = re.compile(r"^[A-Za-z0-9_.,:=/+\- ]*$")
 
 
 @dataclass(frozen=True)
 class HypervisorConfig:
-    path: str = "/usr/bin/qemu-system-x86_64"
+    """Keys of ``[hypervisor.<name>]`` every driver shares. ``path`` "" = the driver's default
+    binary; ``options`` is the driver's ``Options`` (its own keys)."""
+
+    path: str = ""
     kernel: str = "/var/lib/kata-colo/images/current/vmlinux"
     initrd: str = "/var/lib/kata-colo/images/current/initramfs.cpio"
     image: str = ""
-    machine_type: str = "q35"
-    accel: str = "auto"
-    cpu_model: str = ""
     kernel_params: str = ""
     default_vcpus: int = 1
     default_maxvcpus: int = 0
     default_memory: int = 512
     default_maxmemory: int = 0
-    memory_slots: int = 10
     shared_fs: str = "virtio-9p"
-    enable_balloon: bool = True
-    disable_vhost_net: bool = False
-    pcie_root_ports: int = 0
     enable_debug: bool = False
     boot_timeout: float = 60.0
     enable_annotations: tuple[str, ...] = ("default_vcpus", "default_memory")
+    options: Any = None
+
+    @property
+    def binary(self) -> str:
+        return self.path or str(getattr(type(self.options), "DEFAULT_PATH", ""))
 
 
 @dataclass(frozen=True)
@@ -72,15 +79,15 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """``enable_debug`` turns on the shim's debug log; ``hypervisor`` names the driver."""
+
     enable_debug: bool = False
     internetworking_model: str = "tcfilter"
-    state_root: str = "/run/kata-colo/sbs"
-    disable_new_netns: bool = False
+    hypervisor: str = DEFAULT_HYPERVISOR
 
 
 @dataclass(frozen=True)
 class ColoConfig:
-    enabled: bool = True
     cgroup_root: str = "kata-colo"
     root: Mapping[str, Any] = field(default_factory=dict)
     priorities: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -88,29 +95,38 @@ class ColoConfig:
 
 @dataclass(frozen=True)
 class Config:
-    hypervisor: HypervisorConfig = HypervisorConfig()
+    hypervisor: HypervisorConfig = field(default_factory=lambda: _default_hypervisor(DEFAULT_HYPERVISOR))
     agent: AgentConfig = AgentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     colo: ColoConfig = ColoConfig()
     source: str = "<defaults>"
 
-    def validate(self) -> "Config":
-        hv = self.hypervisor
-        _check(hv.accel in _ACCELS, f"hypervisor.qemu.accel must be one of {_ACCELS}, not {hv.accel!r}")
-        _check(hv.shared_fs in _SHARED_FS, f"hypervisor.qemu.shared_fs must be one of {_SHARED_FS}")
-        _check(1 <= hv.default_vcpus <= 256, "hypervisor.qemu.default_vcpus must be 1..256")
+    def validate(self, host_paths: host.HostPaths = host.HOST) -> "Config":
+        hv, name = self.hypervisor, self.runtime.hypervisor
+        where = f"hypervisor.{name}"
+        _check(name in registry.names(), f"runtime.hypervisor must be one of {registry.names()}, not {name!r}")
+        _check(hv.shared_fs in _SHARED_FS, f"{where}.shared_fs must be one of {_SHARED_FS}")
+        _check(1 <= hv.default_vcpus <= 256, f"{where}.default_vcpus must be 1..256")
         _check(hv.default_maxvcpus == 0 or hv.default_maxvcpus >= hv.default_vcpus,
-               "hypervisor.qemu.default_maxvcpus must be 0 (= host CPUs) or >= default_vcpus")
-        _check(hv.default_memory >= 128, "hypervisor.qemu.default_memory must be >= 128 MiB")
+               f"{where}.default_maxvcpus must be 0 (= host CPUs) or >= default_vcpus")
+        _check(hv.default_memory >= 128, f"{where}.default_memory must be >= 128 MiB")
         _check(hv.default_maxmemory == 0 or hv.default_maxmemory >= hv.default_memory,
-               "hypervisor.qemu.default_maxmemory must be 0 or >= default_memory")
-        _check(0 <= hv.memory_slots <= 255, "hypervisor.qemu.memory_slots must be 0..255")
-        _check(0 <= hv.pcie_root_ports <= 32, "hypervisor.qemu.pcie_root_ports must be 0..32")
-        _check(hv.boot_timeout > 0, "hypervisor.qemu.boot_timeout must be > 0")
+               f"{where}.default_maxmemory must be 0 or >= default_memory")
+        _check(hv.boot_timeout > 0, f"{where}.boot_timeout must be > 0")
         _check(bool(_SAFE_PARAM.match(hv.kernel_params)),
-               f"hypervisor.qemu.kernel_params has unsupported characters: {hv.kernel_params!r}")
+               f"{where}.kernel_params has unsupported characters: {hv.kernel_params!r}")
+        _check(isinstance(hv.options, registry.options_class(name)),
+               f"{where}: options of another driver ({type(hv.options).__name__})")
+        hv.options.validate(where)
         _check(self.agent.transport in _AGENT_TRANSPORTS,
                f"agent.kata.transport must be one of {_AGENT_TRANSPORTS}")
+        if self.agent.transport == "vsock":
+            try:
+                host.require_vhost_vsock(host_paths)
+            except Unavailable as exc:
+                raise ConfigError(f"invalid configuration: agent.kata.transport: {exc}") from None
+        if self.agent.transport == "hybrid-vsock":
+            _check(name == "clh", f"agent.kata.transport hybrid-vsock is Cloud Hypervisor's; {name} cannot serve it")
         _check(self.agent.dial_timeout > 0, "agent.kata.dial_timeout must be > 0")
         _check(self.runtime.internetworking_model in ("tcfilter", "none"),
                "runtime.internetworking_model must be 'tcfilter' or 'none'")
@@ -122,6 +138,10 @@ class Config:
         return self
 
 
+def _default_hypervisor(name: str) -> HypervisorConfig:
+    return HypervisorConfig(options=registry.options_class(name)())
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(f"invalid configuration: {message}")
@@ -130,7 +150,7 @@ def _check(ok: bool, message: str) -> None:
 def _section(cls: type, raw: Mapping[str, Any], where: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"invalid configuration: [{where}] must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "options"}
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         f = fields.get(key)
@@ -161,7 +181,23 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def parse(text: str, source: str = "<string>") -> Config:
+def _hypervisor_section(name: str, raw: Mapping[str, Any], where: str) -> HypervisorConfig:
+    """One ``[hypervisor.<name>]`` table: shared keys → HypervisorConfig, the rest → the
+    driver's Options (an unknown key of either is a ConfigError naming it)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"invalid configuration: [{where}] must be a table")
+    options_cls = registry.options_class(name)
+    shared = {f.name for f in dataclasses.fields(HypervisorConfig)} - {"options"}
+    own = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(raw) - shared - own)
+    if unknown:
+        raise ConfigError(f"invalid configuration: unknown key {where}.{unknown[0]}")
+    common_part = _section(HypervisorConfig, {k: v for k, v in raw.items() if k in shared}, where)
+    options = _section(options_cls, {k: v for k, v in raw.items() if k in own}, where)
+    return dataclasses.replace(common_part, options=options)
+
+
+def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host.HOST) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -170,9 +206,20 @@ def parse(text: str, source: str = "<string>") -> Config:
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"invalid configuration {source}: unknown section(s) {sorted(unknown)}")
+    runtime = _section(RuntimeConfig, raw.get("runtime", {}), "runtime")
+    if runtime.hypervisor not in registry.names():
+        raise ConfigError(f"invalid configuration {source}: runtime.hypervisor must be one of "
+                          f"{registry.names()}, not {runtime.hypervisor!r}")
     hv_raw = raw.get("hypervisor", {})
-    if set(hv_raw) - {"qemu"}:
-        raise ConfigError(f"invalid configuration {source}: only [hypervisor.qemu] is supported")
+    if not isinstance(hv_raw, Mapping):
+        raise ConfigError(f"invalid configuration {source}: [hypervisor] must hold [hypervisor.<name>] tables")
+    bad = sorted(set(hv_raw) - set(registry.names()))
+    if bad:
+        raise ConfigError(f"invalid configuration {source}: unknown hypervisor section [hypervisor.{bad[0]}] "
+                          f"(known: {', '.join(registry.names())})")
+    sections = {name: _hypervisor_section(name, table, f"hypervisor.{name}") for name, table in hv_raw.items()}
+    for name, section in sections.items():
+        section.options.validate(f"hypervisor.{name}")
     colo_raw = dict(raw.get("colo", {}))
     priorities = colo_raw.pop("priorities", {})
     root = colo_raw.pop("root", {})
@@ -181,13 +228,13 @@ def parse(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"invalid configuration {source}: [colo.priorities.<name>] must be tables")
     colo = dataclasses.replace(colo, priorities=dict(priorities), root=dict(root))
     cfg = Config(
-        hypervisor=_section(HypervisorConfig, hv_raw.get("qemu", {}), "hypervisor.qemu"),
+        hypervisor=sections.get(runtime.hypervisor) or _default_hypervisor(runtime.hypervisor),
         agent=_section(AgentConfig, raw.get("agent", {}).get("kata", {}), "agent.kata"),
-        runtime=_section(RuntimeConfig, raw.get("runtime", {}), "runtime"),
+        runtime=runtime,
         colo=colo,
         source=source,
     )
-    return cfg.validate()
+    return cfg.validate(host_paths)
 
 
 def resolve_path(config_path: str | None = None) -> Path | None:

@@ -62,7 +62,7 @@ def setup(*, debug: bool, bundle_log: str | None, log_file: Path | None) -> None
         handlers.append(FifoHandler(fd))
     if log_file is not None:
         try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
+            log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             handlers.append(logging.FileHandler(log_file))
         except OSError:
             pass

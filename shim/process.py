@@ -1,5 +1,7 @@
 """The task service's process table: containers, their init and exec processes, statuses and
-exit bookkeeping. Pure state (no I/O, no protobuf); the task service drives it."""
+exit bookkeeping, and the one table of which operation is legal in which status (containerd's
+init_state.go: an illegal transition fails here, with runc's error code). Pure state (no I/O,
+no protobuf); the task service drives it."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +24,31 @@ class Status(enum.IntEnum):
     PAUSING = 5
 
 
+class Op(enum.Enum):
+    START = "start"
+    DELETE = "delete"
+    KILL = "kill"
+    PAUSE = "pause"
+    RESUME = "resume"
+    RESIZE_PTY = "resize the pty of"
+    EXEC = "exec in"
+
+
+_ANY_LIVE = frozenset({Status.CREATED, Status.RUNNING, Status.PAUSING, Status.PAUSED})
+#: operation → the statuses it is legal in (for an init process; execs differ only for KILL)
+ALLOWED: dict[Op, frozenset[Status]] = {
+    Op.START: frozenset({Status.CREATED}),
+    Op.DELETE: frozenset({Status.CREATED, Status.STOPPED}),
+    Op.KILL: _ANY_LIVE,
+    Op.PAUSE: frozenset({Status.RUNNING}),
+    Op.RESUME: frozenset({Status.PAUSED}),
+    Op.RESIZE_PTY: _ANY_LIVE,
+    Op.EXEC: _ANY_LIVE,
+}
+#: operations that find an exited process gone (runc: "process already finished" is NotFound)
+_GONE_WHEN_STOPPED = frozenset({Op.KILL, Op.RESIZE_PTY})
+
+
 @dataclass
 class Process:
     container_id: str
@@ -37,6 +64,26 @@ class Process:
     @property
     def started(self) -> bool:
         return self.status is not Status.CREATED
+
+    @property
+    def name(self) -> str:
+        return self.exec_id or self.container_id
+
+    def require(self, op: Op) -> None:
+        """Raise the runc-compatible error when ``op`` is illegal in the current status."""
+        allowed = ALLOWED[op]
+        if op is Op.KILL and self.exec_id:
+            allowed = allowed - {Status.CREATED}  # an exec that was never started
+        if self.status in allowed:
+            return
+        state = self.status.name.lower()
+        if self.status is Status.STOPPED and op in _GONE_WHEN_STOPPED:
+            raise NotFound(f"process {self.name} already finished")
+        if op is Op.START and self.status is not Status.CREATED:
+            raise FailedPrecondition(f"process {self.name} already started")
+        if op is Op.DELETE:
+            raise FailedPrecondition(f"process {self.name} is {state}: it must be stopped before deletion")
+        raise FailedPrecondition(f"cannot {op.value} process {self.name}: it is {state}")
 
     def set_exited(self, info: ExitInfo) -> bool:
         """Record the exit once; returns False when it was already recorded."""
@@ -107,8 +154,7 @@ class ProcessTable:
         c = self.container(container_id)
         if proc.exec_id in c.execs:
             raise AlreadyExists(f"id {proc.exec_id} already exists in container {container_id}")
-        if c.init.exit is not None:
-            raise FailedPrecondition(f"container {container_id} is not running")
+        c.init.require(Op.EXEC)
         c.execs[proc.exec_id] = proc
 
 

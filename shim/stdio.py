@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from common.errors import InvalidArgument
+from shim.backend import Stdio
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +27,19 @@ WriteChunk = Callable[[bytes], Awaitable[None]]
 CHUNK = 32 * 1024
 
 
-@dataclass
-class StdioSpec:
-    stdin: str = ""
-    stdout: str = ""
-    stderr: str = ""
-    terminal: bool = False
-
-    def validate(self) -> "StdioSpec":
-        for name in ("stdin", "stdout", "stderr"):
-            uri = getattr(self, name)
-            if "\x00" in uri:
-                raise InvalidArgument(f"{name}: NUL byte in stdio path")
-            scheme = urllib.parse.urlparse(uri).scheme if "://" in uri else ""
-            if scheme not in ("", "fifo", "file", "binary"):
-                raise InvalidArgument(f"{name}: unsupported stdio scheme {scheme!r}")
-            if name == "stdin" and scheme in ("file", "binary"):
-                raise InvalidArgument("stdin: only a FIFO path is supported")
-        return self
+def validate(spec: Stdio) -> Stdio:
+    """containerd's stdio URIs for one process, checked: FIFO paths, ``file://`` or ``binary://``
+    for output, a FIFO for stdin; no NUL bytes (InvalidArgument otherwise)."""
+    for name in ("stdin", "stdout", "stderr"):
+        uri = getattr(spec, name)
+        if "\x00" in uri:
+            raise InvalidArgument(f"{name}: NUL byte in stdio path")
+        scheme = urllib.parse.urlparse(uri).scheme if "://" in uri else ""
+        if scheme not in ("", "fifo", "file", "binary"):
+            raise InvalidArgument(f"{name}: unsupported stdio scheme {scheme!r}")
+        if name == "stdin" and scheme in ("file", "binary"):
+            raise InvalidArgument("stdin: only a FIFO path is supported")
+    return spec
 
 
 class _Sink:
@@ -159,7 +155,7 @@ def _start_binary_logger(uri: str, namespace: str, cid: str) -> _BinaryLogger:
 class ProcessIO:
     """Copies one guest process's stdio to/from containerd's endpoints."""
 
-    spec: StdioSpec
+    spec: Stdio
     namespace: str = "default"
     container_id: str = ""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -194,7 +190,7 @@ class ProcessIO:
     async def start(self, read_stdout: ReadChunk | None, read_stderr: ReadChunk | None,
                     write_stdin: WriteChunk | None, close_stdin: Callable[[], Awaitable[None]] | None) -> None:
         """Open the endpoints and start copying. Output copies end at guest EOF."""
-        self.spec.validate()
+        validate(self.spec)
         out = await self._sink_for(self.spec.stdout, "stdout")
         err = None if self.spec.terminal else await self._sink_for(self.spec.stderr, "stderr")
         for sink, reader in ((out, read_stdout), (err, read_stderr)):

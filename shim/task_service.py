@@ -1,8 +1,10 @@
 """containerd.task.v2.Task served over ttrpc: runc-shim semantics on top of a :class:`Backend`.
 
 Translation and bookkeeping only: requests become backend calls through :mod:`shim.convert`;
-the process table (:mod:`shim.process`) holds statuses and exits; events go through the one
-ordered :class:`~shim.events.EventPublisher`. Semantics follow docs/protocols.md §5: Wait works
+the process table (:mod:`shim.process`) holds statuses and exits and decides which operation is
+legal when (``Process.require``); events go through the one ordered
+:class:`~shim.events.EventPublisher`. The backend is built once, at construction (shim.cli is the
+composition root and shares it with the management server). Semantics follow docs/protocols.md §5: Wait works
 before Start and returns immediately for exited processes; Kill of an exited process is
 NotFound, of an unstarted exec FailedPrecondition; exec id reuse is AlreadyExists; Delete of an
 exec publishes no TaskDelete; Shutdown is a no-op while containers remain.
@@ -26,9 +28,8 @@ from proto.containerd.task.v2 import shim_pb2
 from shim import convert, persist, rootfs
 from shim import events as ev
 from shim.backend import Backend, BackendContext, BackendFactory, ExitInfo
-from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, KataColoError, NotFound,
-                         Unavailable, Unimplemented)
-from shim.process import Container, Process, ProcessTable, Status, now
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
+from shim.process import Container, Op, Process, ProcessTable, Status, now
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,14 @@ class TaskService:
         self.namespace = namespace
         self.sandbox_id = sandbox_id
         self.state_dir = persist.state_dir(sandbox_id, state_root)
-        self._factory = backend_factory
         self._publisher = publisher
         self._config_path = config_path
-        self._ttrpc_address = ttrpc_address
-        self._debug = debug
         self._on_shutdown = on_shutdown
-        self._backend: Backend | None = None
-        self._backend_lock = asyncio.Lock()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.context = BackendContext(
+            namespace=namespace, sandbox_id=sandbox_id, state_dir=str(self.state_dir),
+            config_path=config_path, ttrpc_address=ttrpc_address, debug=debug, on_oom=self._on_oom)
+        self._backend: Backend = backend_factory(self.context)
         self._table = ProcessTable()
         self._creating: set[str] = set()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -78,29 +79,11 @@ class TaskService:
     def table(self) -> ProcessTable:
         return self._table
 
-    async def backend(self) -> Backend:
-        """The backend, built on first use (the sandbox's first Create)."""
-        if self._backend is not None:
-            return self._backend
-        async with self._backend_lock:
-            if self._backend is None:
-                self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                ctx = BackendContext(
-                    namespace=self.namespace, sandbox_id=self.sandbox_id,
-                    state_dir=str(self.state_dir), config_path=self._config_path,
-                    ttrpc_address=self._ttrpc_address, debug=self._debug, on_oom=self._on_oom)
-                try:
-                    self._backend = self._factory(ctx)
-                except KataColoError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - e.g. the VM backend cannot be imported
-                    log.exception("backend unavailable")
-                    raise Unavailable(f"sandbox backend unavailable: {exc}") from exc
+    @property
+    def backend(self) -> Backend:
         return self._backend
 
     def _require_backend(self) -> Backend:
-        if self._backend is None:
-            raise NotFound("no container has been created")
         return self._backend
 
     def _on_oom(self, container_id: str) -> None:
@@ -113,11 +96,10 @@ class TaskService:
         for c in self._table.containers():
             state.containers[c.id] = persist.ContainerRecord(
                 id=c.id, bundle=c.bundle, pid=c.init.pid, status=c.init.status.name.lower())
-        if self._backend is not None:
-            try:
-                state.backend = self._backend.persist_data()
-            except Exception:  # noqa: BLE001 - never fail an RPC on bookkeeping
-                log.exception("backend.persist_data failed")
+        try:
+            state.backend = self._backend.persist_data()
+        except Exception:  # noqa: BLE001 - never fail an RPC on bookkeeping
+            log.exception("backend.persist_data failed")
         try:
             persist.save(self.state_dir, state)
         except OSError:
@@ -155,7 +137,7 @@ class TaskService:
             spec = read_spec(req.bundle) if req.bundle else {}
             opts = convert.create_opts(req, spec, sandbox_id=self.sandbox_id,
                                        config_path=self._config_path)
-            backend = await self.backend()
+            backend = self._backend
             bundle_rootfs = Path(req.bundle) / "rootfs"
             mounted = await asyncio.to_thread(rootfs.mount_rootfs, opts.rootfs, bundle_rootfs)
             try:
@@ -177,10 +159,9 @@ class TaskService:
         container = self._table.container(req.id)
         proc = container.process(req.exec_id)
         async with self._locks[req.id]:
-            if proc.started or proc.exit is not None:
-                raise FailedPrecondition(f"process {req.exec_id or req.id} already started")
-            if req.exec_id and container.init.exit is not None:
-                raise FailedPrecondition(f"container {req.id} is not running")
+            proc.require(Op.START)
+            if req.exec_id:
+                container.init.require(Op.EXEC)
             pid = await self._require_backend().start(req.id, req.exec_id)
             proc.pid, proc.status = pid, Status.RUNNING
             if req.exec_id:
@@ -197,9 +178,7 @@ class TaskService:
         container = self._table.container(req.id)
         proc = container.process(req.exec_id)
         async with self._locks[req.id]:
-            if proc.started and proc.exit is None:
-                raise FailedPrecondition(
-                    f"process {req.exec_id or req.id} must be stopped before deletion")
+            proc.require(Op.DELETE)
             if not req.exec_id and any(p.exit is None and p.started for p in container.execs.values()):
                 raise FailedPrecondition(f"container {req.id} still has running exec processes")
             await self._require_backend().delete(req.id, req.exec_id)
@@ -235,10 +214,7 @@ class TaskService:
         proc = container.process(req.exec_id)
         if req.signal > 64:
             raise InvalidArgument(f"invalid signal {req.signal}")
-        if proc.exit is not None:
-            raise NotFound(f"process {req.exec_id or req.id} already finished")
-        if req.exec_id and not proc.started:
-            raise FailedPrecondition(f"process {req.exec_id} has not been started")
+        proc.require(Op.KILL)
         await self._require_backend().kill(req.id, req.exec_id, req.signal, req.all)
         if not req.exec_id and not proc.started:
             self._watch(proc)  # a killed created init exits without Start
@@ -266,8 +242,7 @@ class TaskService:
     async def Pause(self, req: shim_pb2.PauseRequest, ctx: Any) -> empty_pb2.Empty:
         convert.require_id(req.id)
         init = self._table.container(req.id).init
-        if init.status is not Status.RUNNING:
-            raise FailedPrecondition(f"container {req.id} is {init.status.name.lower()}, not running")
+        init.require(Op.PAUSE)
         init.status = Status.PAUSING
         try:
             await self._require_backend().pause(req.id)
@@ -282,8 +257,7 @@ class TaskService:
     async def Resume(self, req: shim_pb2.ResumeRequest, ctx: Any) -> empty_pb2.Empty:
         convert.require_id(req.id)
         init = self._table.container(req.id).init
-        if init.status is not Status.PAUSED:
-            raise FailedPrecondition(f"container {req.id} is not paused")
+        init.require(Op.RESUME)
         await self._require_backend().resume(req.id)
         if init.exit is None:
             init.status = Status.RUNNING
@@ -296,8 +270,7 @@ class TaskService:
     async def ResizePty(self, req: shim_pb2.ResizePtyRequest, ctx: Any) -> empty_pb2.Empty:
         convert.require_id(req.id)
         proc = self._table.process(req.id, req.exec_id)
-        if proc.exit is not None:
-            raise NotFound(f"process {req.exec_id or req.id} already finished")
+        proc.require(Op.RESIZE_PTY)
         await self._require_backend().resize_pty(req.id, req.exec_id, req.width, req.height)
         return EMPTY
 
@@ -344,10 +317,9 @@ class TaskService:
             for p in c.all_processes():
                 if p.watcher is not None:
                     p.watcher.cancel()
-        if self._backend is not None:
-            try:
-                await asyncio.wait_for(self._backend.shutdown(), 10.0)
-            except Exception:  # noqa: BLE001 - exiting anyway
-                log.exception("backend shutdown failed")
+        try:
+            await asyncio.wait_for(self._backend.shutdown(), 10.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            log.exception("backend shutdown failed")
         if not len(self._table):
             persist.remove(self.state_dir)

@@ -38,9 +38,9 @@ class GuestAgent:
     async def close(self) -> None:
         await self.client.close()
 
-    async def create_sandbox(self, sandbox_id: str, *, hostname: str, share_tag: str) -> None:
-        await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname,
-                                         storages=[convert.ninep_storage(share_tag)])
+    async def create_sandbox(self, sandbox_id: str, *, hostname: str, storages: list[Any]) -> None:
+        """CreateSandbox with the storages the sandbox's resources contribute (the 9p share)."""
+        await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=storages)
 
     async def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]],
                                 neighbors: list[dict[str, Any]]) -> None:

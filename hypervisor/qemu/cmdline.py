@@ -1,4 +1,6 @@
-"""VmConfig → QEMU argv. Pure: no I/O beyond what the caller passes in (cpuinfo text).
+"""VmConfig → QEMU argv. Pure: no I/O; the caller passes the accelerator it resolved on this host
+(:func:`hypervisor.host.resolve_accel`). QEMU-only settings come from ``cfg.options``
+(:class:`~hypervisor.qemu.options.QemuOptions`).
 
 Every value that lands inside a QemuOpts list (``key=value,key=value``) goes through
 :func:`opt_value`, which doubles commas (QEMU's escape) and rejects control characters; ids,
@@ -11,18 +13,21 @@ import re
 from dataclasses import dataclass
 
 from common.guest_paths import AGENT_PORT_NAME
-from hypervisor.base import NetDevice, SharedDir, VmConfig
+from hypervisor.base import BlockDevice, NetDevice, SharedDir, VfioDevice, VmConfig
+from hypervisor.qemu.options import MACHINES, QemuOptions
 from common.errors import InvalidArgument
 from common.ids import valid_id
 
 BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=-1")
 MIN_MEMORY_MIB = 64
 MAX_VCPUS = 255
-MACHINES = ("q35", "pc")
-ACCELS = ("auto", "kvm", "tcg")
+RESOLVED_ACCELS = ("kvm", "tcg")
+BLOCK_DRIVERS = ("virtio-blk", "virtio-scsi", "nvme")
 
 _DEV_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
 _TAG = re.compile(r"[A-Za-z0-9_.-]{1,31}")
+_SERIAL = re.compile(r"[A-Za-z0-9_.-]{1,20}")
+_BDF = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _CPU_MODEL = re.compile(r"[A-Za-z0-9_.+=,-]{1,128}")
 _KERNEL_PARAMS = re.compile(r"[A-Za-z0-9_.,:=/+\- ]*")
@@ -75,17 +80,12 @@ def opt_value(value: str, what: str) -> str:
     return value.replace(",", ",,")
 
 
-def resolve_accel(accel: str, cpuinfo: str) -> str:
-    """``auto`` → ``kvm`` only when the host CPU flags show vmx or svm, else ``tcg``."""
-    if accel not in ACCELS:
-        raise InvalidArgument(f"accel must be one of {ACCELS}, not {accel!r}")
-    if accel != "auto":
-        return accel
-    for line in cpuinfo.splitlines():
-        key, _, flags = line.partition(":")
-        if key.strip() == "flags" and {"vmx", "svm"} & set(flags.split()):
-            return "kvm"
-    return "tcg"
+def options_of(cfg: VmConfig) -> QemuOptions:
+    """The QEMU options of ``cfg`` (defaults when the sandbox gave none)."""
+    opts = cfg.options if cfg.options is not None else QemuOptions()
+    if not isinstance(opts, QemuOptions):
+        raise InvalidArgument(f"QEMU got options of another driver ({type(opts).__name__})")
+    return opts
 
 
 def kernel_cmdline(cfg: VmConfig) -> str:
@@ -106,8 +106,9 @@ def kernel_cmdline(cfg: VmConfig) -> str:
 
 def validate(cfg: VmConfig) -> None:
     """Raise InvalidArgument for any value QEMU would reject or that would be unsafe."""
-    if not valid_id(cfg.sandbox_id):
-        raise InvalidArgument(f"bad sandbox id {cfg.sandbox_id!r}")
+    opts = options_of(cfg).validate()
+    if not valid_id(cfg.vm_id):
+        raise InvalidArgument(f"bad VM id {cfg.vm_id!r}")
     if not cfg.state_dir or not os.path.isabs(cfg.state_dir):
         raise InvalidArgument(f"state_dir must be an absolute path, not {cfg.state_dir!r}")
     paths = VmPaths(cfg.state_dir)
@@ -122,12 +123,10 @@ def validate(cfg: VmConfig) -> None:
                        ("hypervisor_path", cfg.hypervisor_path)):
         if path and _CONTROL.search(path):
             raise InvalidArgument(f"{what} contains control characters: {path!r}")
-    if cfg.machine not in MACHINES:
-        raise InvalidArgument(f"machine must be one of {MACHINES}, not {cfg.machine!r}")
-    if cfg.accel not in ACCELS:
-        raise InvalidArgument(f"accel must be one of {ACCELS}, not {cfg.accel!r}")
-    if cfg.cpu_model and not _CPU_MODEL.fullmatch(cfg.cpu_model):
-        raise InvalidArgument(f"bad cpu model {cfg.cpu_model!r}")
+    if opts.machine_type not in MACHINES:
+        raise InvalidArgument(f"machine must be one of {MACHINES}, not {opts.machine_type!r}")
+    if opts.cpu_model and not _CPU_MODEL.fullmatch(opts.cpu_model):
+        raise InvalidArgument(f"bad cpu model {opts.cpu_model!r}")
     if not 1 <= cfg.vcpus <= MAX_VCPUS:
         raise InvalidArgument(f"vcpus must be 1..{MAX_VCPUS}, not {cfg.vcpus}")
     if cfg.max_vcpus and not cfg.vcpus <= cfg.max_vcpus <= MAX_VCPUS:
@@ -136,13 +135,13 @@ def validate(cfg: VmConfig) -> None:
         raise InvalidArgument(f"memory_mib must be >= {MIN_MEMORY_MIB}, not {cfg.memory_mib}")
     if cfg.max_memory_mib and cfg.max_memory_mib < cfg.memory_mib:
         raise InvalidArgument(f"max_memory_mib ({cfg.max_memory_mib}) < memory_mib ({cfg.memory_mib})")
-    if not 0 <= cfg.memory_slots <= 255:
-        raise InvalidArgument(f"memory_slots must be 0..255, not {cfg.memory_slots}")
-    if cfg.max_memory_mib > cfg.memory_mib and cfg.memory_slots == 0:
+    if not 0 <= opts.memory_slots <= 255:
+        raise InvalidArgument(f"memory_slots must be 0..255, not {opts.memory_slots}")
+    if cfg.max_memory_mib > cfg.memory_mib and opts.memory_slots == 0:
         raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0")
-    if not 0 <= cfg.pcie_root_ports <= 32:
-        raise InvalidArgument(f"pcie_root_ports must be 0..32, not {cfg.pcie_root_ports}")
-    if cfg.pcie_root_ports and cfg.machine != "q35":
+    if not 0 <= opts.pcie_root_ports <= 32:
+        raise InvalidArgument(f"pcie_root_ports must be 0..32, not {opts.pcie_root_ports}")
+    if opts.pcie_root_ports and opts.machine_type != "q35":
         raise InvalidArgument("pcie root ports need machine q35")
     if cfg.agent_channel == "vsock":
         if not 3 <= cfg.vsock_cid < 0xFFFFFFFF:
@@ -159,14 +158,15 @@ def validate(cfg: VmConfig) -> None:
             raise InvalidArgument(f"bad 9p mount tag {share.tag!r} (1-31 of [A-Za-z0-9_.-])")
         if not os.path.isabs(share.host_path):
             raise InvalidArgument(f"9p share {share.tag}: host path must be absolute")
-    ids = [n.id for n in cfg.nics]
+    ids = [d.id for d in (*cfg.nics, *cfg.disks, *cfg.vfio)]
     if len(set(ids)) != len(ids):
-        raise InvalidArgument(f"duplicate NIC ids: {ids}")
+        raise InvalidArgument(f"duplicate device ids: {ids}")
     for nic in cfg.nics:
         validate_nic(nic)
-    for arg in cfg.extra_args:
-        if _CONTROL.search(arg):
-            raise InvalidArgument(f"extra argument contains control characters: {arg!r}")
+    for disk in cfg.disks:
+        validate_disk(disk)
+    for dev in cfg.vfio:
+        validate_vfio(dev)
     kernel_cmdline(cfg)
 
 
@@ -178,27 +178,45 @@ def validate_nic(nic: NetDevice) -> None:
         raise InvalidArgument(f"NIC {nic.id}: needs open tap fds, got {nic.tap_fds}")
 
 
+def validate_disk(disk: BlockDevice) -> None:
+    check_device_id(disk.id)
+    if disk.driver not in BLOCK_DRIVERS:
+        raise InvalidArgument(f"disk {disk.id}: driver must be one of {BLOCK_DRIVERS}, not {disk.driver!r}")
+    if not os.path.isabs(disk.path):
+        raise InvalidArgument(f"disk {disk.id}: path must be absolute")
+    if disk.serial and not _SERIAL.fullmatch(disk.serial):
+        raise InvalidArgument(f"disk {disk.id}: bad serial {disk.serial!r}")
+
+
+def validate_vfio(dev: VfioDevice) -> None:
+    check_device_id(dev.id)
+    if not _BDF.fullmatch(dev.host):
+        raise InvalidArgument(f"VFIO device {dev.id}: bad PCI address {dev.host!r}")
+
+
 def check_device_id(dev_id: str) -> str:
     if not _DEV_ID.fullmatch(dev_id):
         raise InvalidArgument(f"bad device id {dev_id!r} (letter, then up to 30 of [A-Za-z0-9_-])")
     return dev_id
 
 
-def build_argv(cfg: VmConfig, cpuinfo: str) -> list[str]:
-    """The complete argv (argv[0] = the QEMU binary). ``cpuinfo`` is /proc/cpuinfo's text."""
+def build_argv(cfg: VmConfig, accel: str) -> list[str]:
+    """The complete argv (argv[0] = the QEMU binary). ``accel`` is ``kvm`` or ``tcg`` (resolved)."""
     validate(cfg)
-    accel = resolve_accel(cfg.accel, cpuinfo)
+    if accel not in RESOLVED_ACCELS:
+        raise InvalidArgument(f"accelerator must be resolved to one of {RESOLVED_ACCELS}, not {accel!r}")
+    opts = options_of(cfg)
     paths = VmPaths(cfg.state_dir)
     argv = [cfg.hypervisor_path,
-            "-name", f"{cfg.sandbox_id},debug-threads=on",
+            "-name", f"{cfg.vm_id},debug-threads=on",
             "-no-user-config", "-nodefaults", "-nographic", "-no-reboot",
-            "-machine", cfg.machine]
+            "-machine", opts.machine_type]
     argv += ["-accel", "tcg,thread=multi"] if accel == "tcg" else ["-accel", "kvm"]
-    argv += ["-cpu", cfg.cpu_model or ("max" if accel == "tcg" else "host")]
+    argv += ["-cpu", opts.cpu_model or ("max" if accel == "tcg" else "host")]
     max_vcpus = cfg.max_vcpus or cfg.vcpus
     argv += ["-smp", f"{cfg.vcpus},maxcpus={max_vcpus}"]
     if cfg.max_memory_mib > cfg.memory_mib:
-        argv += ["-m", f"{cfg.memory_mib}M,slots={cfg.memory_slots},maxmem={cfg.max_memory_mib}M"]
+        argv += ["-m", f"{cfg.memory_mib}M,slots={opts.memory_slots},maxmem={cfg.max_memory_mib}M"]
     else:
         argv += ["-m", f"{cfg.memory_mib}M"]
     argv += ["-kernel", cfg.kernel]
@@ -211,34 +229,59 @@ def build_argv(cfg: VmConfig, cpuinfo: str) -> list[str]:
              "-mon", "chardev=charqmp0,mode=control"]
     argv += ["-chardev", f"file,id=charconsole0,path={opt_value(paths.console_log, 'console log')}",
              "-serial", "chardev:charconsole0"]
-    for i in range(cfg.pcie_root_ports):
+    for i in range(opts.pcie_root_ports):
         argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},slot=0"]
     if cfg.agent_channel == "vsock":
-        argv += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={cfg.vsock_cid}"]
+        vsock = f"vhost-vsock-pci,id=vsock0,guest-cid={cfg.vsock_cid}"
+        if cfg.vsock_fd >= 0:
+            vsock += f",vhostfd={cfg.vsock_fd}"
+        argv += ["-device", vsock]
     else:
         argv += ["-device", "virtio-serial-pci,id=vserial0",
                  "-chardev", f"socket,id=charagent0,path={opt_value(paths.agent_socket, 'agent socket')},"
                              "server=on,wait=off",
                  "-device", f"virtserialport,chardev=charagent0,id=agentport0,name={AGENT_PORT_NAME}"]
     for i, share in enumerate(cfg.shared_dirs):
-        argv += share_args(i, share)
+        argv += share_args(i, share, opts.ninep_security_model)
     if cfg.image:
         argv += ["-drive", f"if=none,id=rootfs0,file={opt_value(cfg.image, 'image')},"
                            "format=raw,readonly=on",
                  "-device", "virtio-blk-pci,id=rootdisk0,drive=rootfs0"]
+    if any(d.driver == "virtio-scsi" for d in cfg.disks):
+        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    for disk in cfg.disks:
+        argv += disk_args(disk)
     for i, nic in enumerate(cfg.nics):
         argv += nic_args(i, nic)
-    if cfg.balloon:
+    for dev in cfg.vfio:
+        argv += ["-device", f"vfio-pci,id={dev.id},host={dev.host}"]
+    if opts.enable_balloon:
         argv += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"]
     if cfg.debug:
         argv += ["-msg", "timestamp=on"]
-    argv += list(cfg.extra_args)
     return argv
 
 
-def share_args(index: int, share: SharedDir) -> list[str]:
+def disk_args(disk: BlockDevice) -> list[str]:
+    """A cold-plugged disk: a raw blockdev node plus the guest controller device."""
+    validate_disk(disk)
+    node = f"{disk.id}-blk"
+    ro = "on" if disk.readonly else "off"
+    drive = (f"driver=raw,node-name={node},read-only={ro},file.driver=file,"
+             f"file.filename={opt_value(disk.path, f'disk {disk.id}')},file.read-only={ro}")
+    serial = f",serial={disk.serial}" if disk.serial else ""
+    if disk.driver == "nvme":
+        device = f"nvme,id={disk.id},drive={node}{serial or f',serial={disk.id}'}"
+    elif disk.driver == "virtio-scsi":
+        device = f"scsi-hd,id={disk.id},drive={node},bus=scsi0.0{serial}"
+    else:
+        device = f"virtio-blk-pci,id={disk.id},drive={node}{serial}"
+    return ["-blockdev", drive, "-device", device]
+
+
+def share_args(index: int, share: SharedDir, security_model: str = "none") -> list[str]:
     fsdev = (f"local,id=fsdev{index},path={opt_value(share.host_path, f'9p share {share.tag}')},"
-             "security_model=none,multidevs=remap")
+             f"security_model={security_model},multidevs=remap")
     if share.readonly:
         fsdev += ",readonly=on"
     return ["-fsdev", fsdev,

@@ -1,9 +1,11 @@
-"""QemuHypervisor: one QEMU process per sandbox VM, driven over QMP.
+"""QemuHypervisor: one QEMU process per VM, driven over QMP (registry name ``qemu``).
 
 Files (all under ``cfg.state_dir``, see :class:`VmPaths`): qmp.sock, agent.sock, console.log
 (the guest serial console), qemu.log (QEMU's stdout/stderr), qemu.pid and, when this driver
-created the directory, a marker that lets :meth:`QemuHypervisor.cleanup_state_dir` remove the
-whole directory even from a fresh process (``delete`` after a shim crash).
+created the directory, a marker that lets :meth:`QemuHypervisor.recover` remove the whole
+directory even from a fresh process (``delete`` after a shim crash). Capabilities beyond the core:
+pause/resume, device hotplug (:mod:`~hypervisor.qemu.hotplug`), memory control
+(:mod:`~hypervisor.qemu.memory`).
 """
 from __future__ import annotations
 
@@ -14,29 +16,21 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 
-from hypervisor.base import (AgentAddress, BalloonInfo, BlockDevice, Capabilities, Device,
-                             NetDevice, VcpuThreads, VfioDevice, VmConfig)
+from common.errors import DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument, KataColoError
+from hypervisor import host
+from hypervisor.base import AgentAddress, Capabilities, VcpuThreads, VmConfig
 from hypervisor.qemu import cmdline
 from hypervisor.qemu.cmdline import VmPaths
+from hypervisor.qemu.hotplug import HotplugMixin, Plugged
+from hypervisor.qemu.memory import MemoryMixin
 from hypervisor.qemu.monitor import QmpMonitor
-from common.errors import (DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument,
-                         KataColoError, NotFound, ResourceExhausted)
+from hypervisor.qemu.options import QemuOptions
 
 log = logging.getLogger(__name__)
 
 TAIL_BYTES = 2048
-MEMORY_ALIGN_MIB = 128
-BALLOON_POLL_SECONDS = 2
-_UNREPORTED = 2**63
-
-
-@dataclass
-class _Plugged:
-    kind: str
-    port: str
-    backend: str
 
 
 def _tail(path: str, limit: int = TAIL_BYTES) -> str:
@@ -58,11 +52,14 @@ def _pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-class QemuHypervisor:
-    """Implements hypervisor.base.Hypervisor with QEMU."""
+class QemuHypervisor(HotplugMixin, MemoryMixin):
+    """Implements hypervisor.base.Hypervisor (+ PauseResume, DeviceHotplug, MemoryControl)."""
 
-    def __init__(self, cpuinfo_path: str = "/proc/cpuinfo") -> None:
-        self._cpuinfo_path = cpuinfo_path
+    name = "qemu"
+    Options = QemuOptions
+
+    def __init__(self, host_paths: host.HostPaths = host.HOST) -> None:
+        self._host = host_paths
         self._cfg: VmConfig | None = None
         self._paths: VmPaths | None = None
         self._argv: list[str] = []
@@ -71,7 +68,7 @@ class QemuHypervisor:
         self._exited: asyncio.Future[int] | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._monitor: QmpMonitor | None = None
-        self._devices: dict[str, _Plugged] = {}
+        self._devices: dict[str, Plugged] = {}
         self._dimms: list[tuple[str, int]] = []
         self._stats_polling = False
         self.shutdown_reason: str | None = None
@@ -103,33 +100,40 @@ class QemuHypervisor:
         return AgentAddress("virtio-serial", path=paths.agent_socket)
 
     def capabilities(self) -> Capabilities:
-        cfg, _ = self._require_prepared()
-        ports = cfg.pcie_root_ports > 0
-        return Capabilities(block_hotplug=ports, net_hotplug=ports, vfio_hotplug=ports,
+        """What this driver offers with the prepared config (or its defaults before prepare)."""
+        opts = cmdline.options_of(self._cfg) if self._cfg is not None else QemuOptions()
+        transports = ["virtio-serial"] + (["vsock"] if host.has_vhost_vsock(self._host) else [])
+        return Capabilities(shared_fs=("virtio-9p",), agent_transports=tuple(transports),
+                            block_drivers=cmdline.BLOCK_DRIVERS,
+                            hotplug=("net", "block", "vfio") if opts.pcie_root_ports else (),
                             multiqueue_net=True,
-                            memory_hotplug=cfg.max_memory_mib > cfg.memory_mib and cfg.memory_slots > 0,
-                            balloon=cfg.balloon, vsock=cfg.agent_channel == "vsock",
-                            shared_fs="virtio-9p")
+                            memory=self.memory_mechanisms() if self._cfg is not None else ())
+
+    def accel(self) -> str:
+        """The accelerator the VM runs (or would run) with on this host: kvm or tcg."""
+        opts = cmdline.options_of(self._cfg) if self._cfg is not None else QemuOptions()
+        return host.resolve_accel(opts.accel, self._host)
 
     def _require_prepared(self) -> tuple[VmConfig, VmPaths]:
         if self._cfg is None or self._paths is None:
             raise FailedPrecondition("hypervisor not prepared")
         return self._cfg, self._paths
 
-    def _cpuinfo(self) -> str:
-        with open(self._cpuinfo_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def resolve_accel(self, accel: str) -> str:
-        """The accelerator ``accel`` (auto|kvm|tcg) means on this host, as ``prepare`` uses it."""
-        return cmdline.resolve_accel(accel, self._cpuinfo())
+    def record(self) -> dict[str, object]:
+        _, paths = self._require_prepared()
+        return {"state_dir": paths.state_dir, "pid": self.vmm_pid() or 0}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def prepare(self, cfg: VmConfig) -> None:
         if self._proc is not None:
             raise FailedPrecondition("VM already started")
-        argv = cmdline.build_argv(cfg, self._cpuinfo())
+        opts = cmdline.options_of(cfg)
+        accel = host.resolve_accel(opts.accel, self._host)
+        # vhost-net moves the NIC datapath into the host kernel; it needs KVM's ioeventfds
+        vhost = accel == "kvm" and not opts.disable_vhost_net and host.has_vhost_net(self._host)
+        cfg = replace(cfg, nics=tuple(replace(n, vhost=vhost) for n in cfg.nics))
+        argv = cmdline.build_argv(cfg, accel)
         if not os.access(cfg.hypervisor_path, os.X_OK):
             raise InvalidArgument(f"hypervisor binary {cfg.hypervisor_path} is not executable")
         paths = VmPaths(cfg.state_dir)
@@ -137,7 +141,7 @@ class QemuHypervisor:
             os.makedirs(cfg.state_dir, mode=0o700)
             self._created_dir = True
             with open(paths.marker, "w", encoding="utf-8") as f:
-                f.write(cfg.sandbox_id + "\n")
+                f.write(cfg.vm_id + "\n")
         elif os.path.exists(paths.qmp_socket) or os.path.exists(paths.pidfile):
             raise FailedPrecondition(f"{cfg.state_dir} holds another VM's files; clean it up first")
         self._cfg, self._paths, self._argv = cfg, paths, argv
@@ -149,6 +153,8 @@ class QemuHypervisor:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         pass_fds = tuple(fd for nic in cfg.nics for fd in nic.tap_fds)
+        if cfg.vsock_fd >= 0:
+            pass_fds += (cfg.vsock_fd,)
         with open(paths.qemu_log, "ab") as qlog:
             try:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -158,7 +164,7 @@ class QemuHypervisor:
                 await self._discard_files()
                 raise HypervisorError(f"cannot execute {cfg.hypervisor_path}: {exc}") from None
         self._exited = loop.create_future()
-        self._reaper = asyncio.create_task(self._reap(self._proc), name=f"qemu-reaper {cfg.sandbox_id}")
+        self._reaper = asyncio.create_task(self._reap(self._proc), name=f"qemu-reaper {cfg.vm_id}")
         self._monitor = QmpMonitor(paths.qmp_socket)
         self._monitor.add_listener("SHUTDOWN", self._on_shutdown)
         try:
@@ -171,7 +177,7 @@ class QemuHypervisor:
                 exc.message = f"{exc.message}{detail}"
                 raise
             raise
-        log.info("qemu for %s up (pid %d) in %.2fs", cfg.sandbox_id, self._proc.pid, loop.time() - t0)
+        log.info("qemu for %s up (pid %d) in %.2fs", cfg.vm_id, self._proc.pid, loop.time() - t0)
 
     async def _await_boot(self, timeout: float) -> None:
         assert self._monitor is not None and self._exited is not None
@@ -283,18 +289,47 @@ class QemuHypervisor:
                 os.unlink(path)
 
     @classmethod
-    async def cleanup_state_dir(cls, state_dir: str, timeout: float = 10.0) -> None:
-        """Kill a leftover QEMU recorded in ``state_dir``'s pidfile and remove its files.
+    async def recover(cls, record: dict[str, object], timeout: float = 3.0) -> None:
+        """Kill a leftover QEMU of ``record`` (its state dir's pidfile, the recorded pid, or any
+        process whose command line names that pidfile: QEMU may have been started but not have
+        written it yet) and remove its files. A pid is only killed when its command line names
+        this state dir's pidfile (pid reuse guard)."""
+        state_dir = str(record.get("state_dir") or "")
+        if not state_dir or not os.path.isabs(state_dir):
+            return
+        await cls.cleanup_state_dir(state_dir, timeout, extra_pid=int(str(record.get("pid") or 0)))
 
-        For ``delete`` after a shim crash: needs nothing but the state directory. The pid is
-        only killed when its command line names this state dir's pidfile (pid reuse guard).
-        """
+    @classmethod
+    async def cleanup_state_dir(cls, state_dir: str, timeout: float = 10.0, extra_pid: int = 0) -> None:
+        """Kill a leftover QEMU recorded in ``state_dir`` and remove its files (see recover)."""
         paths = VmPaths(state_dir)
         try:
             with open(paths.pidfile, encoding="ascii") as f:
                 pid = int(f.read().strip() or "0")
         except (FileNotFoundError, ValueError):
             pid = 0
+        for candidate in {pid, extra_pid, *cls._pids_naming(paths)} - {0}:
+            await cls._kill_ours(candidate, paths, timeout)
+        cls.remove_vm_files(state_dir)
+
+    @staticmethod
+    def _pids_naming(paths: VmPaths) -> list[int]:
+        """Processes whose argv names this VM's pidfile (a QEMU that has not written it yet)."""
+        want = os.fsencode(paths.pidfile)
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if want in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
+
+    @classmethod
+    async def _kill_ours(cls, pid: int, paths: VmPaths, timeout: float) -> None:
         if pid > 0 and _pid_alive(pid) and cls._is_our_qemu(pid, paths):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -303,7 +338,6 @@ class QemuHypervisor:
                 if time.monotonic() > deadline:
                     raise HypervisorError(f"leftover qemu pid {pid} did not die")
                 await asyncio.sleep(0.05)
-        cls.remove_vm_files(state_dir)
 
     @staticmethod
     def _is_our_qemu(pid: int, paths: VmPaths) -> bool:
@@ -335,135 +369,3 @@ class QemuHypervisor:
 
     async def status(self) -> str:
         return str((await self.monitor.query_status()).get("status"))
-
-    def _free_port(self) -> str:
-        cfg, _ = self._require_prepared()
-        used = {p.port for p in self._devices.values()}
-        for i in range(cfg.pcie_root_ports):
-            if f"rp{i}" not in used:
-                return f"rp{i}"
-        raise ResourceExhausted(f"no free pcie-root-port for hotplug ({cfg.pcie_root_ports} configured)")
-
-    async def add_device(self, dev: Device) -> None:
-        cmdline.check_device_id(dev.id)
-        if dev.id in self._devices:
-            raise InvalidArgument(f"device {dev.id} already attached")
-        mon = self.monitor
-        port = self._free_port()
-        if isinstance(dev, NetDevice):
-            cmdline.validate_nic(dev)
-            backend = f"{dev.id}-net"
-            names = [f"{dev.id}-fd{i}" for i in range(len(dev.tap_fds))]
-            for fd, name in zip(dev.tap_fds, names):
-                await mon.send_fd(fd, name)
-            props: dict[str, object] = {"vhost": dev.vhost}
-            if len(names) == 1:
-                props["fd"] = names[0]
-            else:
-                props["fds"] = ":".join(names)
-            await mon.netdev_add("tap", backend, **props)
-            dev_props: dict[str, object] = {"netdev": backend, "mac": dev.mac, "bus": port}
-            if len(names) > 1:
-                dev_props.update(mq=True, vectors=2 * len(names) + 2)
-            try:
-                await mon.device_add("virtio-net-pci", dev.id, **dev_props)
-            except KataColoError:
-                with contextlib.suppress(KataColoError):
-                    await mon.netdev_del(backend)
-                raise
-            self._devices[dev.id] = _Plugged("net", port, backend)
-        elif isinstance(dev, VfioDevice):
-            await mon.device_add("vfio-pci", dev.id, host=dev.host, bus=port)
-            self._devices[dev.id] = _Plugged("vfio", port, "")
-        elif isinstance(dev, BlockDevice):
-            backend = f"{dev.id}-blk"
-            await mon.blockdev_add({"driver": "raw", "node-name": backend, "read-only": dev.readonly,
-                                    "file": {"driver": "file", "filename": dev.path,
-                                             "read-only": dev.readonly}})
-            try:
-                await mon.device_add("virtio-blk-pci", dev.id, drive=backend, bus=port)
-            except KataColoError:
-                with contextlib.suppress(KataColoError):
-                    await mon.blockdev_del(backend)
-                raise
-            self._devices[dev.id] = _Plugged("block", port, backend)
-        else:
-            raise InvalidArgument(f"unsupported device type {type(dev).__name__}")
-
-    async def remove_device(self, dev_id: str, timeout: float = 10.0) -> None:
-        plugged = self._devices.get(dev_id)
-        if plugged is None:
-            raise NotFound(f"device {dev_id} is not attached")
-        await self.monitor.device_del(dev_id, timeout=timeout)
-        del self._devices[dev_id]
-        if plugged.kind == "net":
-            await self.monitor.netdev_del(plugged.backend)
-        elif plugged.kind == "block":
-            await self.monitor.blockdev_del(plugged.backend)
-
-    async def balloon(self, target_bytes: int) -> None:
-        cfg, _ = self._require_prepared()
-        if not cfg.balloon:
-            raise FailedPrecondition("VM has no balloon device")
-        if target_bytes <= 0:
-            raise InvalidArgument(f"balloon target must be > 0, not {target_bytes}")
-        await self.monitor.balloon(target_bytes)
-
-    async def balloon_info(self) -> BalloonInfo:
-        cfg, _ = self._require_prepared()
-        if not cfg.balloon:
-            raise FailedPrecondition("VM has no balloon device")
-        mon = self.monitor
-        actual = await mon.query_balloon()
-        if not self._stats_polling:
-            await mon.qom_set("/machine/peripheral/balloon0", "guest-stats-polling-interval",
-                              BALLOON_POLL_SECONDS)
-            self._stats_polling = True
-        stats: dict[str, int] = {}
-        try:
-            raw = await mon.qom_get("/machine/peripheral/balloon0", "guest-stats")
-        except HypervisorError:
-            raw = {}  # the guest has not reported yet
-        for key, value in dict(raw.get("stats", {})).items():
-            if 0 <= int(value) < _UNREPORTED:  # QEMU reports "no value" as -1 (as a u64)
-                stats[str(key)] = int(value)
-        return BalloonInfo(actual_bytes=actual, stats=stats)
-
-    async def resize_memory(self, target_mib: int) -> int:
-        """Grow by one pc-dimm (128 MiB aligned) or shrink by unplugging DIMMs added earlier
-        (newest first, never below ``target_mib``). Returns the resulting size in MiB."""
-        cfg, _ = self._require_prepared()
-        if not self.capabilities().memory_hotplug:
-            raise FailedPrecondition("memory hotplug not configured (max_memory_mib/memory_slots)")
-        current = cfg.memory_mib + sum(size for _, size in self._dimms)
-        if not cfg.memory_mib <= target_mib <= cfg.max_memory_mib:
-            raise InvalidArgument(f"memory target {target_mib} MiB outside "
-                                  f"{cfg.memory_mib}..{cfg.max_memory_mib}")
-        mon = self.monitor
-        if target_mib > current:
-            if len(self._dimms) >= cfg.memory_slots:
-                raise ResourceExhausted("all memory slots are in use")
-            add = -(-(target_mib - current) // MEMORY_ALIGN_MIB) * MEMORY_ALIGN_MIB
-            add = min(add, cfg.max_memory_mib - current)
-            if add <= 0:
-                return current
-            n = len(self._dimms)
-            while any(name == f"dimm{n}" for name, _ in self._dimms):
-                n += 1
-            await mon.object_add("memory-backend-ram", f"mem{n}", size=add << 20)
-            try:
-                await mon.device_add("pc-dimm", f"dimm{n}", memdev=f"mem{n}")
-            except KataColoError:
-                with contextlib.suppress(KataColoError):
-                    await mon.object_del(f"mem{n}")
-                raise
-            self._dimms.append((f"dimm{n}", add))
-            return current + add
-        while self._dimms and current - self._dimms[-1][1] >= target_mib:
-            name, size = self._dimms[-1]
-            await mon.device_del(name)
-            await mon.object_del("mem" + name[len("dimm"):])
-            self._dimms.pop()
-            current -= size
-        return current
-

@@ -252,3 +252,32 @@ class QmpMonitor:
 
     async def blockdev_del(self, node_name: str) -> None:
         await self.execute("blockdev-del", {"node-name": node_name})
+
+    async def query_pci(self) -> list[dict[str, Any]]:
+        """``query-pci``: every PCI bus with its devices (``qom_path``/``qdev_id``, ``slot``,
+        ``function``, ``pci_bridge`` with the bus behind a bridge or root port)."""
+        return list(await self.execute("query-pci"))
+
+
+def pci_path(buses: list[dict[str, Any]], qdev_id: str) -> str:
+    """kata's guest PCI path of device ``qdev_id`` from ``query-pci``: the slot of each bridge
+    or root port on the way, then the device's slot, as ``"02/00"`` (hex, ``/``-separated).
+    "" when the device is not on any bus."""
+
+    def walk(devices: list[dict[str, Any]], prefix: list[int]) -> list[int] | None:
+        for dev in devices:
+            here = [*prefix, int(dev.get("slot", 0))]
+            if dev.get("qdev_id") == qdev_id:
+                return here
+            bridge = dev.get("pci_bridge") or {}
+            below = (bridge.get("bus") or {}).get("devices") or bridge.get("devices") or []
+            found = walk(list(below), here)
+            if found is not None:
+                return found
+        return None
+
+    for bus in buses:
+        found = walk(list(bus.get("devices") or []), [])
+        if found is not None:
+            return "/".join(f"{slot:02x}" for slot in found)
+    return ""

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.mount import is_mountpoint
 from shim import rootfs as rootfs_mod
 from shim.backend import BackendContext, CreateOpts, ExecOpts, ExitInfo, ProcessPid, Stats, Stdio
 from common.errors import FailedPrecondition, NotFound, Unimplemented
@@ -183,9 +184,9 @@ class HostProcessBackend:
         root_rel = (opts.spec.get("root") or {}).get("path", "")
         root_dir = Path(opts.bundle, root_rel) if root_rel else None
         mounted_here = False
-        if opts.rootfs and root_dir is not None and not rootfs_mod.is_mountpoint(root_dir):
+        if opts.rootfs and root_dir is not None and not is_mountpoint(root_dir):
             mounted_here = rootfs_mod.mount_rootfs(
-                [rootfs_mod.Mount(m.type, m.source, m.target, m.options) for m in opts.rootfs],
+                list(opts.rootfs),
                 root_dir)
         populated = root_dir is not None and root_dir.is_dir() and any(root_dir.iterdir())
         root = str(root_dir) if populated else None

@@ -17,6 +17,7 @@ import pytest
 
 from hypervisor.base import Hypervisor, SharedDir, VmConfig
 from hypervisor.qemu.driver import QemuHypervisor
+from hypervisor.qemu.options import QemuOptions
 from common.errors import HypervisorError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -43,13 +44,13 @@ def image_files() -> tuple[str, str]:
 STAY_UP = "kata_colo.init=shell"
 
 
-def vm_config(tmp_path: Path, **kw) -> VmConfig:
+def vm_config(tmp_path: Path, *, balloon: bool = True, pcie_root_ports: int = 1, **kw) -> VmConfig:
     share = tmp_path / "shared"
     share.mkdir(exist_ok=True)
-    base = dict(sandbox_id=f"it-{tmp_path.name[-20:]}", state_dir=str(tmp_path / "vm"),
-                kernel="", accel="tcg", vcpus=2, memory_mib=512, hypervisor_path=QEMU,
-                shared_dirs=(SharedDir("kataShared", str(share)),), pcie_root_ports=1,
-                kernel_params=STAY_UP)
+    base = dict(vm_id=f"it-{tmp_path.name[-20:]}", state_dir=str(tmp_path / "vm"),
+                kernel="", vcpus=2, memory_mib=512, hypervisor_path=QEMU,
+                shared_dirs=(SharedDir("kataShared", str(share)),), kernel_params=STAY_UP,
+                options=QemuOptions(accel="tcg", enable_balloon=balloon, pcie_root_ports=pcie_root_ports))
     if (IMAGE_DIR / "manifest.json").exists():
         base["kernel"], base["initrd"] = image_files()
     base.update(kw)
@@ -176,7 +177,9 @@ async def test_cleanup_from_state_dir_only_kills_leftover_qemu(tmp_path):
     await hv.start(timeout=30)
     pid = hv.vmm_pid()
     try:
-        await QemuHypervisor.cleanup_state_dir(cfg.state_dir)
+        record = hv.record()
+        assert record == {"state_dir": cfg.state_dir, "pid": pid}
+        await QemuHypervisor.recover(record)
         assert_nothing_left(cfg, None)
         assert await asyncio.wait_for(hv.wait(), 10) == -signal.SIGKILL
     finally:

@@ -22,8 +22,10 @@ from hypervisor.base import NetDevice
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config
 from agent_api.client.facade import GuestAgent
-from shim.rootfs import GUEST_SHARED_DIR
-from shim.sandbox import vm_config
+from common.guest_paths import GUEST_SHARED_DIR
+from shim.sandbox.vmconfig import vm_config
+from agent_api.client.convert import ninep_storage
+from hypervisor.base import SharedDir
 from tests.integration.test_agent_host import build_rootfs, exec_process, make_spec, read_all
 
 IMAGE = Path("/var/lib/kata-colo/images/current")
@@ -48,7 +50,7 @@ async def booted_vm(vcpus: int, hostname: str, nics: tuple[NetDevice, ...] = ())
     state = Path(tempfile.mkdtemp(prefix="kc-vm-", dir="/run"))
     shared = state / "shared"
     shared.mkdir()
-    cfg = vm_config(config.load(), state.name, state / "vm", "kataShared", shared)
+    cfg = vm_config(config.load(), state.name, state / "vm", shared_dirs=(SharedDir("kataShared", str(shared)),))
     hv = QemuHypervisor()
     guest: GuestAgent | None = None
     try:
@@ -58,7 +60,7 @@ async def booted_vm(vcpus: int, hostname: str, nics: tuple[NetDevice, ...] = ())
         assert pid is not None
         guest = GuestAgent(hv.agent_address())
         await guest.connect(timeout=120, vm_gone=asyncio.Event())
-        await guest.create_sandbox(state.name, hostname=hostname, share_tag="kataShared")
+        await guest.create_sandbox(state.name, hostname=hostname, storages=[ninep_storage("kataShared")])
         yield BootedVm(state, shared, hv, guest, pid)
     except BaseException:
         # the guest's side of a failure (agent log, kernel messages) is only in its console

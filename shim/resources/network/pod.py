@@ -12,9 +12,8 @@ Blocking (netlink, a few ms): call :meth:`PodNetwork.setup` / :meth:`teardown` t
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from hypervisor.base import NetDevice
 from common.errors import InvalidArgument, ResourceError
@@ -23,7 +22,6 @@ from shim.resources.network.scan import scan_netns
 from shim.resources.network.tap import MAX_QUEUES
 from shim.resources.network.tcfilter import BackendName, TapAttachment, TcFilterNetwork
 
-VHOST_NET = "/dev/vhost-net"
 
 
 def netns_from_spec(spec: dict[str, Any]) -> str:
@@ -46,11 +44,6 @@ def queues_for(vcpus: int) -> int:
     return max(1, min(vcpus, MAX_QUEUES))
 
 
-def use_vhost(accel: str, disabled: bool) -> bool:
-    """vhost-net moves the datapath into the host kernel; it needs KVM's ioeventfds (not TCG)."""
-    return not disabled and accel == "kvm" and os.path.exists(VHOST_NET)
-
-
 @dataclass
 class PodNetwork:
     netns: str
@@ -59,10 +52,17 @@ class PodNetwork:
     taps: list[TapAttachment] = field(default_factory=list)
 
     @classmethod
-    def setup(cls, netns: str, queues: int = 1, backend: BackendName = "auto") -> "PodNetwork":
-        """Scan *netns* and wire each veth to a tap. On failure nothing is left behind."""
-        endpoints = scan_netns(netns)
-        pod = cls(netns, endpoints, TcFilterNetwork(netns, backend))
+    def setup(cls, netns: str, queues: int = 1, backend: BackendName = "auto",
+              on_change: Callable[[], None] | None = None) -> "PodNetwork":
+        """Scan *netns* and wire each veth to a tap. On failure nothing is left behind.
+        ``on_change`` runs before each tap is made and after each change (write-ahead)."""
+        return cls.wire(TcFilterNetwork(netns, backend, on_change=on_change), queues)
+
+    @classmethod
+    def wire(cls, net: TcFilterNetwork, queues: int = 1) -> "PodNetwork":
+        """Like :meth:`setup` with a TcFilterNetwork the caller already holds (and journals)."""
+        endpoints = scan_netns(net.netns_path)
+        pod = cls(net.netns_path, endpoints, net)
         try:
             for ep in endpoints:
                 pod.taps.append(pod.net.attach(ep, queues))

@@ -1,5 +1,7 @@
 """Persisted record of what one tc-filter attach created, so detach (also after a crash, from
-state.json) removes exactly that and nothing CNI made."""
+the sandbox's resource journal) removes exactly that and nothing CNI made. An attach is journaled
+*before* it starts (``planned``): a shim killed mid-attach leaves a record whose detach tries
+every step, treating pieces that are not there as done."""
 from __future__ import annotations
 
 import json
@@ -29,6 +31,8 @@ class TcFilterState:
     guest_mac: str = ""
     filter_prio: int = 1
     created: list[str] = field(default_factory=list)
+    #: attach in progress (written ahead): any step may exist, detach tries them all
+    planned: bool = False
 
     def mark(self, step: str) -> None:
         if step not in STEPS:
@@ -56,7 +60,8 @@ class TcFilterState:
             st = cls(netns=str(data["netns"]), veth_name=str(data["veth_name"]),
                      tap_name=str(data["tap_name"]), queues=int(data["queues"]),
                      mtu=int(data["mtu"]), guest_mac=str(data["guest_mac"]),
-                     filter_prio=int(data["filter_prio"]), created=[])
+                     filter_prio=int(data["filter_prio"]), created=[],
+                     planned=bool(data.get("planned", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgument(f"bad tc-filter state: {exc!r}") from None
         for step in data.get("created", []):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from common.errors import (
     AlreadyExists,
@@ -22,7 +22,7 @@ from common.errors import (
 )
 from shim.resources.network.endpoint import VethEndpoint
 from shim.resources.network.netns import netns_exists, run_in_netns, validate_netns_path
-from shim.resources.network.state import TcFilterState
+from shim.resources.network.state import STEPS, TcFilterState
 from shim.resources.network.tap import MAX_QUEUES, check_ifname, tap_flags
 from shim.resources.network.tc_common import TcBackend, ifindex
 from shim.resources.network.tc_fast import FastBackend, load_speedups
@@ -68,13 +68,15 @@ class TcFilterNetwork:
     the shim's event loop."""
 
     def __init__(self, netns_path: str, backend: BackendName = "auto",
-                 vnet_hdr: bool = True) -> None:
+                 vnet_hdr: bool = True, on_change: Callable[[], None] | None = None) -> None:
         validate_netns_path(netns_path)
         self.netns_path = netns_path
         self.vnet_hdr = vnet_hdr
         self._backend_name: BackendName = backend
         self._backend: TcBackend | None = None
         self.attachments: list[TcFilterState] = []
+        #: called after every change of :attr:`attachments` (the sandbox journals them)
+        self.on_change = on_change or (lambda: None)
 
     @property
     def backend(self) -> TcBackend:
@@ -120,13 +122,19 @@ class TcFilterNetwork:
                     exc.add_note(f"rollback incomplete: {cleanup}")
                 raise
 
+        state.planned = True            # write-ahead: journaled before anything is made
+        self.attachments.append(state)
+        self.on_change()
         try:
             fds = run_in_netns(self.netns_path, here)
         except BaseException:
-            if state.created:           # rollback left something: remember it for detach()
-                self.attachments.append(state)
+            state.planned = False       # the rollback ran; what it could not undo is marked
+            if not state.created:
+                self.attachments.remove(state)
+            self.on_change()
             raise
-        self.attachments.append(state)
+        state.planned = False
+        self.on_change()
         return TapAttachment(tap_name=state.tap_name, fds=fds, guest_mac=endpoint.mac,
                              mtu=endpoint.mtu, queues=queues, vnet_hdr=self.vnet_hdr,
                              state=state)
@@ -142,6 +150,7 @@ class TcFilterNetwork:
                 errors.append(str(exc))
                 continue
             self.attachments.remove(state)
+            self.on_change()
         if errors:
             raise ResourceError("; ".join(errors))
 
@@ -165,11 +174,17 @@ class TcFilterNetwork:
         net.netns_path, net.vnet_hdr = netns, vnet_hdr
         net._backend_name, net._backend = backend, None
         net.attachments = [TcFilterState.from_dict(item) for item in items]
+        net.on_change = lambda: None
         return net
 
 
 def detach_state(state: TcFilterState, backend: TcBackend) -> None:
-    """Undo one attachment from its persisted state; no-op if the netns is gone."""
+    """Undo one attachment from its persisted state; no-op if the netns is gone. A ``planned``
+    attachment (the shim died during attach) may have made any step: all are tried."""
+    if state.planned:
+        for step in STEPS:
+            state.mark(step)
+        state.planned = False
     if not state.created:
         return
     if not netns_exists(state.netns):

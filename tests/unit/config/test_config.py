@@ -9,8 +9,10 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def test_packaged_defaults_parse_and_validate():
-    cfg = config.load(str(REPO / "config" / "configuration.toml"))
-    assert cfg.hypervisor.accel == "auto"
+    cfg = config.load(str(REPO / "shim" / "defaults" / "configuration.toml"))
+    assert cfg.runtime.hypervisor == "qemu"
+    assert cfg.hypervisor.options.accel == "auto"
+    assert cfg.hypervisor.binary == "/usr/bin/qemu-system-x86_64"
     assert cfg.hypervisor.default_memory == 512
     assert set(cfg.colo.priorities) == {"high", "low"}
     assert cfg.colo.priorities["low"]["cpu_shares"] == 2
@@ -19,8 +21,25 @@ def test_packaged_defaults_parse_and_validate():
 def test_values_override_defaults():
     cfg = config.parse('[hypervisor.qemu]\ndefault_vcpus = 4\naccel = "tcg"\n[agent.kata]\ndial_timeout = 5\n')
     assert cfg.hypervisor.default_vcpus == 4
-    assert cfg.hypervisor.accel == "tcg"
+    assert cfg.hypervisor.options.accel == "tcg"
     assert cfg.agent.dial_timeout == 5.0
+
+
+def test_driver_keys_go_to_the_driver_options():
+    cfg = config.parse('[hypervisor.qemu]\npath = "/opt/qemu"\npcie_root_ports = 2\nmachine_type = "q35"\n')
+    assert cfg.hypervisor.binary == "/opt/qemu"
+    assert (cfg.hypervisor.options.pcie_root_ports, cfg.hypervisor.options.machine_type) == (2, "q35")
+
+
+def test_vsock_transport_needs_vhost_vsock(tmp_path):
+    from hypervisor import host
+
+    text = "[agent.kata]\ntransport = 'vsock'\n"
+    with pytest.raises(ConfigError, match="vhost-vsock"):
+        config.parse(text, host_paths=host.HostPaths(str(tmp_path)))
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "vhost-vsock").write_text("")
+    assert config.parse(text, host_paths=host.HostPaths(str(tmp_path))).agent.transport == "vsock"
 
 
 @pytest.mark.parametrize(
@@ -30,7 +49,12 @@ def test_values_override_defaults():
         ("[hypervisor.qemu]\ndefault_vcpus = 0\n", "default_vcpus"),
         ("[hypervisor.qemu]\ndefault_vcpus = '2'\n", "wrong type"),
         ("[hypervisor.qemu]\nbogus = 1\n", "unknown key"),
-        ("[hypervisor.firecracker]\n", "only [hypervisor.qemu]"),
+        ("[hypervisor.firecracker]\n", "unknown hypervisor section [hypervisor.firecracker]"),
+        ("[runtime]\nhypervisor = 'firecracker'\n", "runtime.hypervisor must be one of"),
+        ("[runtime]\nstate_root = '/x'\n", "unknown key runtime.state_root"),
+        ("[colo]\nenabled = true\n", "unknown key colo.enabled"),
+        ("[agent.kata]\ntransport = 'hybrid-vsock'\n", "Cloud Hypervisor"),
+        ("[hypervisor.qemu]\npcie_root_ports = 1\nmachine_type = 'pc'\n", "q35"),
         ("[nonsense]\n", "unknown section"),
         ("[hypervisor.qemu\n", "invalid configuration"),
         ("[hypervisor.qemu]\nkernel_params = 'a;reboot'\n", "kernel_params"),

@@ -1,21 +1,26 @@
-import dataclasses
-
 import pytest
 
-from hypervisor.base import NetDevice, SharedDir, VmConfig
-from hypervisor.qemu import cmdline
 from common.errors import InvalidArgument
+from hypervisor.base import BlockDevice, NetDevice, SharedDir, VfioDevice, VmConfig
+from hypervisor.qemu import cmdline
+from hypervisor.qemu.options import QemuOptions
 
-CPUINFO_VMX = "processor\t: 0\nflags\t\t: fpu vme de pse vmx sse2\n"
-CPUINFO_SVM = "processor\t: 0\nflags\t\t: fpu svm lm\n"
-CPUINFO_NONE = "processor\t: 0\nflags\t\t: fpu vme de pse sse2 hypervisor\nbugs\t\t: vmx_whatever\n"
+_OPTION_KEYS = {"accel": "accel", "machine": "machine_type", "cpu_model": "cpu_model",
+                "memory_slots": "memory_slots", "balloon": "enable_balloon",
+                "pcie_root_ports": "pcie_root_ports", "security_model": "ninep_security_model"}
 
 
 def cfg(**kw) -> VmConfig:
-    base = dict(sandbox_id="sb1", state_dir="/run/kata-colo/sbs/sb1/vm", kernel="/img/vmlinux",
-                initrd="/img/initramfs.cpio")
+    """A VmConfig; QEMU-only keys (accel, machine, ...) go into its QemuOptions."""
+    opts = {_OPTION_KEYS[k]: kw.pop(k) for k in list(kw) if k in _OPTION_KEYS}
+    base = dict(vm_id="sb1", state_dir="/run/kata-colo/sbs/sb1/vm", kernel="/img/vmlinux",
+                initrd="/img/initramfs.cpio", hypervisor_path="/usr/bin/qemu-system-x86_64")
     base.update(kw)
-    return VmConfig(**base)
+    return VmConfig(**base, options=QemuOptions(**opts))
+
+
+def build(c: VmConfig, accel: str = "tcg") -> list[str]:
+    return cmdline.build_argv(c, accel)
 
 
 def opt(argv: list[str], flag: str) -> list[str]:
@@ -23,11 +28,10 @@ def opt(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
 
 
-@pytest.mark.parametrize("text, expected", [(CPUINFO_VMX, "kvm"), (CPUINFO_SVM, "kvm"),
-                                            (CPUINFO_NONE, "tcg"), ("", "tcg")])
-def test_auto_accel_follows_cpu_flags(text, expected):
-    argv = cmdline.build_argv(cfg(accel="auto"), text)
-    if expected == "kvm":
+@pytest.mark.parametrize("accel", ["kvm", "tcg"])
+def test_resolved_accel_picks_accel_and_cpu(accel):
+    argv = build(cfg(), accel)
+    if accel == "kvm":
         assert opt(argv, "-accel") == ["kvm"]
         assert opt(argv, "-cpu") == ["host"]
     else:
@@ -36,28 +40,31 @@ def test_auto_accel_follows_cpu_flags(text, expected):
     assert not any("thread=" in m for m in opt(argv, "-machine"))
 
 
-def test_explicit_accel_wins_over_cpuinfo():
-    assert opt(cmdline.build_argv(cfg(accel="tcg"), CPUINFO_VMX), "-accel") == ["tcg,thread=multi"]
-    assert opt(cmdline.build_argv(cfg(accel="kvm"), CPUINFO_NONE), "-accel") == ["kvm"]
-    assert opt(cmdline.build_argv(cfg(accel="tcg", cpu_model="qemu64"), ""), "-cpu") == ["qemu64"]
+def test_unresolved_accel_is_refused():
+    with pytest.raises(InvalidArgument, match="resolved"):
+        build(cfg(), "auto")
+
+
+def test_cpu_model_option_wins():
+    assert opt(build(cfg(cpu_model="qemu64")), "-cpu") == ["qemu64"]
 
 
 def test_smp_and_memory_without_hotplug():
-    argv = cmdline.build_argv(cfg(vcpus=2, memory_mib=512), "")
+    argv = build(cfg(vcpus=2, memory_mib=512))
     assert opt(argv, "-smp") == ["2,maxcpus=2"]
     assert opt(argv, "-m") == ["512M"]
-    argv = cmdline.build_argv(cfg(vcpus=2, max_vcpus=4), "")
+    argv = build(cfg(vcpus=2, max_vcpus=4))
     assert opt(argv, "-smp") == ["2,maxcpus=4"]
 
 
 def test_memory_hotplug_args():
-    argv = cmdline.build_argv(cfg(memory_mib=1024, max_memory_mib=4096, memory_slots=3), "")
+    argv = build(cfg(memory_mib=1024, max_memory_mib=4096, memory_slots=3))
     assert opt(argv, "-m") == ["1024M,slots=3,maxmem=4096M"]
 
 
 def test_base_devices_sockets_and_logs_live_under_state_dir():
     c = cfg()
-    argv = cmdline.build_argv(c, "")
+    argv = build(c)
     sd = c.state_dir
     assert argv[0] == c.hypervisor_path
     for flag in ("-nodefaults", "-no-user-config", "-nographic", "-no-reboot"):
@@ -82,8 +89,7 @@ def test_base_devices_sockets_and_logs_live_under_state_dir():
 
 
 def test_kernel_params_image_and_debug():
-    argv = cmdline.build_argv(cfg(initrd="", image="/img/root.img", debug=True,
-                                  kernel_params="kata_colo.init=poweroff"), "")
+    argv = build(cfg(initrd="", image="/img/root.img", debug=True, kernel_params="kata_colo.init=poweroff"))
     assert opt(argv, "-append") == ["console=ttyS0 panic=-1 root=/dev/vda ro kata_colo.init=poweroff"]
     assert "-initrd" not in argv
     assert "if=none,id=rootfs0,file=/img/root.img,format=raw,readonly=on" in opt(argv, "-drive")
@@ -91,7 +97,7 @@ def test_kernel_params_image_and_debug():
 
 
 def test_vsock_replaces_virtio_serial():
-    argv = cmdline.build_argv(cfg(agent_channel="vsock", vsock_cid=7), "")
+    argv = build(cfg(agent_channel="vsock", vsock_cid=7))
     devices = opt(argv, "-device")
     assert "vhost-vsock-pci,id=vsock0,guest-cid=7" in devices
     assert not any(d.startswith(("virtio-serial-pci", "virtserialport")) for d in devices)
@@ -101,18 +107,21 @@ def test_vsock_replaces_virtio_serial():
 def test_9p_shares_with_comma_escaping_and_readonly():
     shares = (SharedDir("kataShared", "/run/kata-colo/shared/sb1"),
               SharedDir("ro", "/data/a,b,,c", readonly=True))
-    argv = cmdline.build_argv(cfg(shared_dirs=shares), "")
+    argv = build(cfg(shared_dirs=shares))
     assert opt(argv, "-fsdev") == [
         "local,id=fsdev0,path=/run/kata-colo/shared/sb1,security_model=none,multidevs=remap",
         "local,id=fsdev1,path=/data/a,,b,,,,c,security_model=none,multidevs=remap,readonly=on",
     ]
+    mapped = build(cfg(shared_dirs=shares[:1], security_model="mapped-xattr"))
+    assert opt(mapped, "-fsdev") == [
+        "local,id=fsdev0,path=/run/kata-colo/shared/sb1,security_model=mapped-xattr,multidevs=remap"]
     devices = opt(argv, "-device")
     assert "virtio-9p-pci,id=fs0,fsdev=fsdev0,mount_tag=kataShared" in devices
     assert "virtio-9p-pci,id=fs1,fsdev=fsdev1,mount_tag=ro" in devices
 
 
 def test_state_dir_commas_are_escaped_in_chardevs_but_not_pidfile():
-    argv = cmdline.build_argv(cfg(state_dir="/run/a,b"), "")
+    argv = build(cfg(state_dir="/run/a,b"))
     assert "socket,id=charqmp0,path=/run/a,,b/qmp.sock,server=on,wait=off" in opt(argv, "-chardev")
     assert opt(argv, "-pidfile") == ["/run/a,b/qemu.pid"]
 
@@ -120,7 +129,7 @@ def test_state_dir_commas_are_escaped_in_chardevs_but_not_pidfile():
 def test_tap_nics_single_and_multiqueue_and_root_ports():
     nics = (NetDevice("eth0", "02:00:00:00:00:01", (5,)),
             NetDevice("eth1", "02:00:00:00:00:02", (6, 7), vhost=True))
-    argv = cmdline.build_argv(cfg(nics=nics, pcie_root_ports=2), "")
+    argv = build(cfg(nics=nics, pcie_root_ports=2))
     assert opt(argv, "-netdev") == ["tap,id=net0,fd=5,vhost=off", "tap,id=net1,fds=6:7,vhost=on"]
     devices = opt(argv, "-device")
     assert "virtio-net-pci,id=eth0,netdev=net0,mac=02:00:00:00:00:01" in devices
@@ -129,10 +138,31 @@ def test_tap_nics_single_and_multiqueue_and_root_ports():
     assert "pcie-root-port,id=rp1,bus=pcie.0,chassis=2,slot=0" in devices
 
 
-def test_no_balloon_and_extra_args():
-    argv = cmdline.build_argv(cfg(balloon=False, extra_args=("-S",)), "")
+def test_no_balloon():
+    argv = build(cfg(balloon=False))
     assert not any("balloon" in d for d in opt(argv, "-device"))
-    assert argv[-1] == "-S"
+
+
+def test_vsock_with_a_reserved_cid_fd():
+    argv = build(cfg(agent_channel="vsock", vsock_cid=9, vsock_fd=11))
+    assert "vhost-vsock-pci,id=vsock0,guest-cid=9,vhostfd=11" in opt(argv, "-device")
+
+
+def test_cold_plugged_disks_and_vfio():
+    disks = (BlockDevice("layer0", "/c/l0.erofs", readonly=True, serial="l0"),
+             BlockDevice("scratch0", "/c/s0.img", driver="virtio-scsi"),
+             BlockDevice("data0", "/dev/loop7", driver="nvme"))
+    argv = build(cfg(disks=disks, vfio=(VfioDevice("hostdev0", "0000:3b:00.0"),)))
+    assert opt(argv, "-blockdev") == [
+        "driver=raw,node-name=layer0-blk,read-only=on,file.driver=file,file.filename=/c/l0.erofs,file.read-only=on",
+        "driver=raw,node-name=scratch0-blk,read-only=off,file.driver=file,file.filename=/c/s0.img,file.read-only=off",
+        "driver=raw,node-name=data0-blk,read-only=off,file.driver=file,file.filename=/dev/loop7,file.read-only=off"]
+    devices = opt(argv, "-device")
+    assert "virtio-blk-pci,id=layer0,drive=layer0-blk,serial=l0" in devices
+    assert "virtio-scsi-pci,id=scsi0" in devices
+    assert "scsi-hd,id=scratch0,drive=scratch0-blk,bus=scsi0.0" in devices
+    assert "nvme,id=data0,drive=data0-blk,serial=data0" in devices
+    assert "vfio-pci,id=hostdev0,host=0000:3b:00.0" in devices
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -145,8 +175,13 @@ def test_no_balloon_and_extra_args():
     (dict(kernel=""), "kernel"),
     (dict(accel="xen"), "accel"),
     (dict(machine="virt"), "machine"),
-    (dict(sandbox_id="a,b"), "sandbox id"),
-    (dict(sandbox_id=""), "sandbox id"),
+    (dict(vm_id="a,b"), "VM id"),
+    (dict(vm_id=""), "VM id"),
+    (dict(disks=(BlockDevice("d0", "rel.img"),)), "absolute"),
+    (dict(disks=(BlockDevice("d0", "/x.img", driver="ide"),)), "driver"),
+    (dict(disks=(BlockDevice("d0", "/x.img"),), nics=(NetDevice("d0", "02:00:00:00:00:01", (5,)),)), "duplicate"),
+    (dict(vfio=(VfioDevice("h0", "3b:00.0"),)), "PCI address"),
+    (dict(security_model="passthrough"), "ninep_security_model"),
     (dict(state_dir="relative/dir"), "state_dir"),
     (dict(state_dir="/" + "x" * 120), "too long"),
     (dict(kernel_params="init=/bin/sh;reboot"), "kernel_params"),
@@ -167,7 +202,7 @@ def test_no_balloon_and_extra_args():
 ])
 def test_invalid_configs_raise_invalid_argument(changes, fragment):
     with pytest.raises(InvalidArgument) as err:
-        cmdline.build_argv(dataclasses.replace(cfg(), **changes), "")
+        build(cfg(**changes))
     assert fragment in str(err.value)
 
 

@@ -20,11 +20,9 @@ def test_netns_from_spec() -> None:
         pod.netns_from_spec({"linux": []})
 
 
-def test_queues_and_vhost() -> None:
+def test_queues() -> None:
     assert pod.queues_for(1) == 1 and pod.queues_for(4) == 4
     assert pod.queues_for(0) == 1 and pod.queues_for(1000) == MAX_QUEUES
-    assert pod.use_vhost("tcg", False) is False
-    assert pod.use_vhost("kvm", True) is False
 
 
 def test_guest_config_orders_gateways_last_across_endpoints() -> None:

@@ -127,7 +127,7 @@ def test_qos_config_from_configuration_file() -> None:
     assert q.root.shares == 2 and q.root.cpus == (0, 1)
     assert q.priority("high").pin and q.priority("low").knobs.cpu_idle
     assert q.lowest == "low"  # idle beats any weight
-    packaged = QosConfig.from_colo(config.load(str(REPO / "config" / "configuration.toml")).colo)
+    packaged = QosConfig.from_colo(config.load(str(REPO / "shim" / "defaults" / "configuration.toml")).colo)
     assert packaged.lowest == "low" and packaged.priority("high").knobs.shares == 1024
 
 

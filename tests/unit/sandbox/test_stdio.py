@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from common.errors import InvalidArgument
-from shim.stdio import ProcessIO, StdioSpec
+from shim.backend import Stdio
+from shim.stdio import ProcessIO, validate
 
 
 def _chunks(*parts):
@@ -32,7 +33,7 @@ async def test_fifo_stdout_and_stdin(tmp_path):
     async def close_stdin():
         closed.set()
 
-    io = ProcessIO(StdioSpec(stdin=str(in_fifo), stdout=str(out_fifo)))
+    io = ProcessIO(Stdio(stdin=str(in_fifo), stdout=str(out_fifo)))
     await io.start(_chunks(b"hello ", b"world\n"), None, write_stdin, close_stdin)
     await io.wait_output(timeout=5)
     assert os.read(reader_fd, 100) == b"hello world\n"
@@ -53,7 +54,7 @@ async def test_fifo_reader_sees_eof_when_the_guest_output_ends(tmp_path):
     os.mkfifo(err_fifo)
     out_r = os.open(out_fifo, os.O_RDONLY | os.O_NONBLOCK)
     err_r = os.open(err_fifo, os.O_RDONLY | os.O_NONBLOCK)
-    io = ProcessIO(StdioSpec(stdout=str(out_fifo), stderr=str(err_fifo)))
+    io = ProcessIO(Stdio(stdout=str(out_fifo), stderr=str(err_fifo)))
     await io.start(_chunks(b"out\n"), _chunks(), None, None)
     await io.wait_output(timeout=5)
     assert os.read(out_r, 100) == b"out\n"
@@ -77,7 +78,7 @@ async def test_output_waiting_unread_in_the_fifo_is_not_dropped(tmp_path):
         await asyncio.sleep(0.05)  # let the loop poll the sink while "head" sits unread
         return parts.pop(0) if parts else b""
 
-    io = ProcessIO(StdioSpec(stdout=str(out_fifo)))
+    io = ProcessIO(Stdio(stdout=str(out_fifo)))
     await io.start(slow_guest, None, None, None)
     await io.wait_output(timeout=5)
     assert os.read(reader_fd, 100) == b"head\nbody\ntail\n"
@@ -89,7 +90,7 @@ async def test_output_waiting_unread_in_the_fifo_is_not_dropped(tmp_path):
 async def test_file_uri_appends(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("old\n")
-    io = ProcessIO(StdioSpec(stdout=f"file://{log}", stderr=f"file://{log}"))
+    io = ProcessIO(Stdio(stdout=f"file://{log}", stderr=f"file://{log}"))
     await io.start(_chunks(b"out\n"), _chunks(b"err\n"), None, None)
     await io.wait_output(timeout=5)
     await io.close()
@@ -104,7 +105,7 @@ async def test_binary_logger_gets_fd3_and_fd4(tmp_path):
         f"o=os.fdopen(3,'rb').read(); e=os.fdopen(4,'rb').read()\n"
         f"open({str(dest)!r},'wb').write(o+b'|'+e+b'|'+os.environ['CONTAINER_ID'].encode()+b'|'+' '.join(sys.argv[1:]).encode())\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    io = ProcessIO(StdioSpec(stdout=f"binary://{script}?tag=x", stderr=f"binary://{script}?tag=x"),
+    io = ProcessIO(Stdio(stdout=f"binary://{script}?tag=x", stderr=f"binary://{script}?tag=x"),
                    container_id="c9")
     await io.start(_chunks(b"O"), _chunks(b"E"), None, None)
     await io.wait_output(timeout=5)
@@ -112,8 +113,8 @@ async def test_binary_logger_gets_fd3_and_fd4(tmp_path):
     assert dest.read_bytes() == b"O|E|c9|tag x"
 
 
-@pytest.mark.parametrize("spec", [StdioSpec(stdout="http://x"), StdioSpec(stdin="file:///x"),
-                                  StdioSpec(stdout="/a\x00b")])
+@pytest.mark.parametrize("spec", [Stdio(stdout="http://x"), Stdio(stdin="file:///x"),
+                                  Stdio(stdout="/a\x00b")])
 def test_bad_stdio_uris(spec):
     with pytest.raises(InvalidArgument):
-        spec.validate()
+        validate(spec)

@@ -11,7 +11,7 @@ from google.protobuf import any_pb2
 
 from proto.containerd.cgroups.v1 import metrics_pb2
 from proto.containerd.task.v2 import shim_pb2
-from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
+from common.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,
                          Unavailable, Unimplemented)
 from shim.process import Status
 
@@ -207,14 +207,15 @@ async def test_invalid_requests(shim):
     await shim.call("Delete", shim_pb2.DeleteRequest(id="v"), shim_pb2.DeleteResponse)
 
 
-async def test_backend_unavailable_fails_create_cleanly(shim):
-    def broken(ctx):
-        raise ImportError("no module named shim.sandbox")
+async def test_our_bug_in_the_backend_is_internal_and_the_shim_keeps_serving(shim, caplog):
+    async def broken(opts):
+        raise KeyError("a bug of ours")
 
-    shim.service._factory = broken
-    with pytest.raises(Unavailable, match="backend unavailable"):
+    shim.service.backend.create = broken  # type: ignore[method-assign]
+    with pytest.raises(Internal, match="KeyError"):
         await shim.create("nb", ["true"])
     assert "nb" not in shim.service.table
+    assert any("Create failed" in r.getMessage() and r.exc_info for r in caplog.records)  # traceback logged
     await shim.call("Shutdown", shim_pb2.ShutdownRequest(id="nb"))  # still serving
     await asyncio.sleep(0.1)
     assert shim.shutdowns == [1]
@@ -226,6 +227,6 @@ async def test_product_factory_without_vm_backend_is_unavailable(monkeypatch):
     from shim import cli
     from shim.backend import BackendContext
 
-    monkeypatch.setitem(sys.modules, "shim.sandbox", None)  # import fails
+    monkeypatch.setitem(sys.modules, "shim.sandbox.containers", None)  # import fails
     with pytest.raises(Unavailable):
         cli._load_factory(None)(BackendContext("ns", "sb", "/tmp/x"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import re
 from typing import Any, Callable
 
 from common.errors import InvalidArgument
@@ -43,8 +44,20 @@ def validate(spec: Any) -> dict[str, Any]:
     return spec
 
 
-ShareFile = Callable[[str, str], str]
-"""(host source path, share name) → guest path; binds the host path into the guest share."""
+ShareFile = Callable[[str, str, bool], str]
+"""(host source path, share name, read-only) → guest path; binds the host path into the guest
+share (read-only on the host side when the container's mount is)."""
+
+
+def share_name(container_id: str, destination: str, source: str) -> str:
+    """The share entry of one of a container's host mounts (:func:`owns_share_name` knows it)."""
+    digest = hashlib.sha256(f"{container_id}:{destination}".encode()).hexdigest()[:12]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(source.rstrip("/"))) or "root"
+    return f"{container_id}-{digest}-{base}"[:128]
+
+
+def owns_share_name(container_id: str, name: str) -> bool:
+    return re.match(rf"{re.escape(container_id)}-[0-9a-f]{{12}}-", name) is not None
 
 
 def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: ShareFile) -> dict[str, Any]:
@@ -63,9 +76,9 @@ def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: 
             continue
         if not os.path.exists(src):
             raise InvalidArgument(f"invalid OCI spec: mount source {src} does not exist")
-        digest = hashlib.sha256(f"{container_id}:{m['destination']}".encode()).hexdigest()[:12]
-        name = f"{container_id}-{digest}-{os.path.basename(src.rstrip('/')) or 'root'}"
-        m = dict(m, source=share(src, name))
+        name = share_name(container_id, m["destination"], src)
+        readonly = "ro" in (m.get("options") or [])
+        m = dict(m, source=share(src, name, readonly))
         mounts.append(m)
     out["mounts"] = mounts
     linux = out.setdefault("linux", {})

@@ -1,0 +1,50 @@
+"""QEMU-only ``[hypervisor.qemu]`` keys (kata's names), carried in ``VmConfig.options``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from common.errors import ConfigError
+from hypervisor.host import ACCELS
+
+MACHINES = ("q35", "pc")
+NINEP_SECURITY_MODELS = ("none", "mapped-xattr")
+
+
+@dataclass(frozen=True)
+class QemuOptions:
+    """``accel`` auto|kvm|tcg (auto = KVM only where the CPU has vmx/svm); ``cpu_model`` "" =
+    ``max`` under TCG, ``host`` under KVM; ``memory_slots`` DIMM slots for memory hotplug;
+    ``enable_balloon`` a virtio-balloon device (deflate-on-oom); ``disable_vhost_net`` keeps the
+    NIC datapath in QEMU even under KVM; ``pcie_root_ports`` pre-created ports for hot-plugged
+    PCIe devices (VFIO, NVMe); ``ninep_security_model`` QEMU's 9p ``security_model`` for the
+    sandbox share: ``none`` (default) passes owners and modes through — the host side of the
+    share is kept safe by 0700 directories and ``nosuid,nodev`` binds; ``mapped-xattr`` stores
+    what the guest writes as plain 0600 files with the owner and mode in xattrs, but then host
+    symlinks (every image's /bin) do not resolve in the guest, so it suits only shares that hold
+    no image content."""
+
+    DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
+
+    machine_type: str = "q35"
+    accel: str = "auto"
+    cpu_model: str = ""
+    memory_slots: int = 10
+    enable_balloon: bool = True
+    disable_vhost_net: bool = False
+    pcie_root_ports: int = 0
+    ninep_security_model: str = "none"
+
+    def validate(self, where: str = "hypervisor.qemu") -> "QemuOptions":
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"invalid configuration: {where}.{message}")
+
+        check(self.machine_type in MACHINES, f"machine_type must be one of {MACHINES}")
+        check(self.accel in ACCELS, f"accel must be one of {ACCELS}, not {self.accel!r}")
+        check(0 <= self.memory_slots <= 255, "memory_slots must be 0..255")
+        check(0 <= self.pcie_root_ports <= 32, "pcie_root_ports must be 0..32")
+        check(not self.pcie_root_ports or self.machine_type == "q35", "pcie_root_ports needs machine_type q35")
+        check(self.ninep_security_model in NINEP_SECURITY_MODELS,
+              f"ninep_security_model must be one of {NINEP_SECURITY_MODELS}")
+        return self
