@@ -7,9 +7,12 @@ APT_PACKAGES := qemu-system-x86 containerd runc containernetworking-plugins busy
 	kmod cpio e2fsprogs iproute2 iperf3 xz-utils zstd binutils
 PYTEST_ARGS ?=
 
-.PHONY: setup apt python image test unit demo bench clean-state
+MYPY_PACKAGES := common ttrpc shim hypervisor agent_api/client agent_api/oci_codec.py cri
+CONFIG_DIR := /etc/kata-colo
 
-setup: apt python image
+.PHONY: setup apt python config image lint test unit demo bench clean-state
+
+setup: apt python config image
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -26,10 +29,22 @@ python:
 	@scripts=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'); \
 	for s in containerd-shim-kata-colo-v2; do ln -sf $$scripts/$$s /usr/local/bin/$$s; done
 
+# The configuration with commented defaults; a file the user already has is never overwritten.
+config:
+	@install -d -m 0755 $(CONFIG_DIR)
+	@if [ -e $(CONFIG_DIR)/configuration.toml ]; then \
+	  echo "config: $(CONFIG_DIR)/configuration.toml exists, kept"; \
+	else install -m 0644 shim/defaults/configuration.toml $(CONFIG_DIR)/configuration.toml; \
+	  echo "config: installed $(CONFIG_DIR)/configuration.toml"; fi
+
 image: python
 	$(PYTHON) vm-images/build.py
 
-test: setup
+lint: python
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy $(MYPY_PACKAGES)
+
+test: setup lint
 	$(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
 
 unit: python

@@ -16,8 +16,8 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from proto.kata import oci_pb2
 from common.errors import InvalidArgument
+from proto.kata import oci_pb2
 
 _JSON_NAMES = {
     "Version": "ociVersion",

@@ -19,11 +19,11 @@ ROUNDS = int(os.environ.get("KC_BENCH_ROUNDS", "3"))
 async def _floor_once(bare: bool = False) -> float:
     """qemu start → agent ready; with ``bare`` the same boot to the end of init (init powers
     the guest off instead of starting the agent: kernel + initramfs + modules only)."""
+    from agent_api.client.convert import agent_url
     from agent_api.client.rpc import AgentClient
+    from hypervisor.base import SharedDir
     from hypervisor.qemu.driver import QemuHypervisor
     from shim import config
-    from agent_api.client.convert import agent_url
-    from hypervisor.base import SharedDir
     from shim.sandbox.vmconfig import vm_config
 
     d = Path(tempfile.mkdtemp(prefix="kc-floor-", dir="/run"))
@@ -85,9 +85,9 @@ def main() -> None:
         stop_containerd(c)
         shutil.rmtree(shim_dir, ignore_errors=True)
     b, f, r = statistics.median(bares), statistics.median(floors), statistics.median(runs)
-    print(f"bare boot (qemu start → init done → poweroff):        median {b:.2f}s  {['%.2f' % x for x in bares]}")
-    print(f"floor  (qemu start → agent ready, same kernel+image): median {f:.2f}s  {['%.2f' % x for x in floors]}")
-    print(f"kata-colo (ctr run --rm → first output, cold):        median {r:.2f}s  {['%.2f' % x for x in runs]}")
+    print(f"bare boot (qemu start → init done → poweroff):        median {b:.2f}s  {[f'{x:.2f}' for x in bares]}")
+    print(f"floor  (qemu start → agent ready, same kernel+image): median {f:.2f}s  {[f'{x:.2f}' for x in floors]}")
+    print(f"kata-colo (ctr run --rm → first output, cold):        median {r:.2f}s  {[f'{x:.2f}' for x in runs]}")
     print(f"ratio agent-ready / bare boot: {f / b:.2f}x (Python + protobuf + agent start under TCG)")
     print(f"ratio ctr-run / floor: {r / f:.2f}x  (overhead {r - f:.2f}s: containerd, shim start, "
           f"sandbox + container create in the guest)")

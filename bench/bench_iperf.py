@@ -20,9 +20,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "docker.io/library/kata-colo-tools:iperf3"
@@ -70,7 +70,7 @@ def pod_netns(tag: str) -> Iterator[tuple[str, str]]:
         _run("ip", "link", "del", host, check=False)
 
 
-def _wait_port(ip: str, timeout: float, alive: "subprocess.Popen[bytes] | None" = None) -> float:
+def _wait_port(ip: str, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> float:
     """Seconds until something accepts on ip:PORT (an iperf3 server shrugs off the probe)."""
     t0 = time.monotonic()
     last: OSError | None = None
@@ -135,8 +135,9 @@ def _tail(path: Path, n: int = 15) -> str:
 def in_vm(ns: str, ip: str, tag: str) -> tuple[float, float, float]:
     """(host→guest, guest→host Gbit/s, seconds from ctr run -d to the server accepting)."""
     sys.path.insert(0, str(REPO))
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
     import make_tool_image  # on sys.path through tests.e2e.conftest (scripts/)
+
+    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
 
     cid = f"kc-iperf-{tag}"
     shim_dir = product_shim_dir()

@@ -15,7 +15,7 @@ import shutil
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MTU = 1400
 TAP = "tap0_kata"

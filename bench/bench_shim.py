@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
-import select
 import statistics
 import subprocess
 import sys

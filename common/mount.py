@@ -10,7 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from common.errors import InvalidArgument, ResourceError
 

@@ -16,9 +16,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from common.errors import KataColoError
 from cri.client import CriClient, to_dict
 from proto.cri.runtime.v1 import api_pb2 as api
-from common.errors import KataColoError
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 

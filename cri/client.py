@@ -21,9 +21,9 @@ import grpc.aio
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from common.errors import KataColoError, from_status
 from proto.cri.runtime.v1 import api_pb2 as api
 from proto.cri.runtime.v1 import api_pb2_grpc as api_grpc
-from common.errors import KataColoError, from_status
 
 DEFAULT_TIMEOUT = 120.0  # a cold VM under TCG takes ~10 s; RunPodSandbox also pulls/unpacks
 MAX_MESSAGE = 64 << 20  # ExecSync output is capped at 16 MiB per stream by the runtime
@@ -219,7 +219,7 @@ class CriClient:
                               labels: Mapping[str, str] | None = None) -> list[api.Container]:
         flt = api.ContainerFilter(id=container_id, pod_sandbox_id=pod_id, label_selector=dict(labels or {}))
         if state is not None:
-            flt.state.state = state
+            flt.state.state = state  # type: ignore[assignment]  # the enum value is the wire int
         resp = await self._call("runtime", "ListContainers", api.ListContainersRequest(filter=flt))
         return list(resp.containers)
 

@@ -18,7 +18,7 @@ Errors are :mod:`common.errors` classes (HypervisorError for a VMM that fails or
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 AgentTransport = Literal["virtio-serial", "vsock", "hybrid-vsock"]
 
@@ -75,7 +75,7 @@ class BlockDevice:
     serial: str = ""
 
 
-Device = Union[NetDevice, VfioDevice, BlockDevice]
+Device = NetDevice | VfioDevice | BlockDevice
 
 
 @dataclass(frozen=True)

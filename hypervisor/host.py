@@ -10,6 +10,7 @@ import fcntl
 import os
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -94,7 +95,7 @@ class VsockCid:
             self.fd = -1
 
 
-def reserve_vsock_cid(paths: HostPaths = HOST, ioctl=fcntl.ioctl,  # type: ignore[no-untyped-def]
+def reserve_vsock_cid(paths: HostPaths = HOST, ioctl: Callable[[int, int, bytes], object] = fcntl.ioctl,
                       rng: random.Random | None = None) -> VsockCid:
     """Open /dev/vhost-vsock and reserve a free random guest CID on it (EADDRINUSE → next)."""
     rng = rng or random.SystemRandom()

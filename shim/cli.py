@@ -24,15 +24,15 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from common.errors import Unavailable
+from common.version import VERSION
 from proto.containerd.task.v2 import shim_pb2
 from shim import bootstrap, convert, persist
 from shim import log as shim_log
-from shim.backend import BackendContext, BackendFactory
-from common.errors import Unavailable
-from common.version import VERSION
+from shim.backend import Backend, BackendContext, BackendFactory
 
 log = logging.getLogger("shim")
 DEFAULT_BACKEND = "shim.sandbox.containers:ContainerOps"
@@ -93,7 +93,7 @@ def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
     if backend_factory is not None:
         return backend_factory
 
-    def product(ctx: BackendContext):  # type: ignore[no-untyped-def]
+    def product(ctx: BackendContext) -> Backend:
         module, _, attr = DEFAULT_BACKEND.partition(":")
         try:
             cls = getattr(importlib.import_module(module), attr)
@@ -207,7 +207,7 @@ def cmd_delete(args: Args, factory: BackendFactory) -> int:
     except Exception:  # noqa: BLE001 - delete must answer; what failed is logged
         log.exception("delete %s: cleanup failed", args.id)
     resp = shim_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL)
-    convert.datetime_to_ts(datetime.now(timezone.utc), resp.exited_at)
+    convert.datetime_to_ts(datetime.now(UTC), resp.exited_at)
     sys.stdout.buffer.write(resp.SerializeToString())
     sys.stdout.flush()
     return 0

@@ -20,9 +20,10 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import ConfigError, Unavailable
 from hypervisor import host, registry
@@ -101,7 +102,7 @@ class Config:
     colo: ColoConfig = ColoConfig()
     source: str = "<defaults>"
 
-    def validate(self, host_paths: host.HostPaths = host.HOST) -> "Config":
+    def validate(self, host_paths: host.HostPaths = host.HOST) -> Config:
         hv, name = self.hypervisor, self.runtime.hypervisor
         where = f"hypervisor.{name}"
         _check(name in registry.names(), f"runtime.hypervisor must be one of {registry.names()}, not {name!r}")

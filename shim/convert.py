@@ -3,18 +3,18 @@ request/response plumbing) that knows message types; backends never see protobuf
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
 
+from common.errors import InvalidArgument
+from common.ids import check_id
 from proto.containerd.cgroups.v1 import metrics_pb2
 from proto.containerd.events import task_pb2 as events_pb2
 from proto.containerd.task.v2 import shim_pb2
 from proto.runtimeoptions.v1 import options_pb2
 from shim.backend import CreateOpts, ExecOpts, ExitInfo, Mount, Stats, Stdio
-from common.ids import check_id
-from common.errors import InvalidArgument
 from shim.process import Process
 
 #: Go's time.Time{} marshalled as a Timestamp: "unset".
@@ -33,7 +33,7 @@ def ts_to_datetime(ts: timestamp_pb2.Timestamp) -> datetime | None:
         return None
     if ts.seconds == 0 and ts.nanos == 0:
         return None
-    return datetime.fromtimestamp(ts.seconds, tz=timezone.utc).replace(microsecond=ts.nanos // 1000)
+    return datetime.fromtimestamp(ts.seconds, tz=UTC).replace(microsecond=ts.nanos // 1000)
 
 
 def datetime_to_ts(dt: datetime | None, out: timestamp_pb2.Timestamp | None = None
@@ -44,8 +44,8 @@ def datetime_to_ts(dt: datetime | None, out: timestamp_pb2.Timestamp | None = No
         ts.seconds, ts.nanos = GO_ZERO_SECONDS, 0
         return ts
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     delta = dt - epoch
     seconds = delta.days * 86400 + delta.seconds
     ts.seconds, ts.nanos = seconds, delta.microseconds * 1000
@@ -126,7 +126,8 @@ def runtime_config_path(raw: bytes) -> str:
 def state_response(p: Process) -> shim_pb2.StateResponse:
     resp = shim_pb2.StateResponse(
         id=p.container_id, exec_id=p.exec_id, bundle=p.bundle, pid=p.pid,
-        status=int(p.status), stdin=p.stdio.stdin, stdout=p.stdio.stdout,
+        status=int(p.status),  # type: ignore[arg-type]  # the enum value is the wire int
+        stdin=p.stdio.stdin, stdout=p.stdio.stdout,
         stderr=p.stdio.stderr, terminal=p.stdio.terminal)
     if p.exit is not None:
         resp.exit_status = p.exit.status

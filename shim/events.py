@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
@@ -37,7 +38,7 @@ TOPIC_RESUMED = "/tasks/resumed"
 
 
 class _Client(Protocol):
-    async def call(self, service: str, method: str, request: Any, response_type: Any,
+    async def call(self, service: str, method: str, request: Any, response_type: Any, *,
                    timeout: float | None = ...) -> Any: ...
 
     async def close(self) -> None: ...
@@ -94,7 +95,7 @@ class EventPublisher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="event-publisher")
 
     def publish(self, topic: str, event: Message) -> None:
-        self._queue.put_nowait(Envelope(topic, event, datetime.now(timezone.utc)))
+        self._queue.put_nowait(Envelope(topic, event, datetime.now(UTC)))
 
     async def close(self, timeout: float = 2.0) -> None:
         """Send what is queued (up to ``timeout``), then stop."""
@@ -102,7 +103,7 @@ class EventPublisher:
             self._queue.put_nowait(None)
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
                 log.warning("event publisher: %d event(s) not sent at close", self._queue.qsize())
             self._task = None

@@ -41,7 +41,7 @@ class ShimState:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ShimState":
+    def from_json(cls, text: str) -> ShimState:
         raw = json.loads(text)
         if not isinstance(raw, dict) or raw.get("version") != VERSION:
             raise ValueError(f"unsupported state.json version {raw.get('version')!r}")

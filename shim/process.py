@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from shim.backend import ExitInfo, Stdio
 from common.errors import AlreadyExists, FailedPrecondition, NotFound
+from shim.backend import ExitInfo, Stdio
 
 
 class Status(enum.IntEnum):
@@ -159,4 +159,4 @@ class ProcessTable:
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

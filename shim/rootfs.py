@@ -10,8 +10,8 @@ sees modes and device numbers as written (9p reports them; the guest kernel enfo
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from common.errors import InvalidArgument
 from common.mount import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, mount, unmount_all

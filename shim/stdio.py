@@ -14,8 +14,8 @@ import logging
 import os
 import subprocess
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from common.errors import InvalidArgument
 from shim.backend import Stdio

@@ -17,18 +17,18 @@ import logging
 import os
 import signal as signals
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from google.protobuf import empty_pb2
 
 from common import version as common_version
-
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
 from proto.containerd.task.v2 import shim_pb2
 from shim import convert, persist, rootfs
 from shim import events as ev
 from shim.backend import Backend, BackendContext, BackendFactory, ExitInfo
-from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
 from shim.process import Container, Op, Process, ProcessTable, Status, now
 
 log = logging.getLogger(__name__)

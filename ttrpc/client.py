@@ -14,8 +14,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from proto.ttrpc import ttrpc_pb2
 from common import errors
+from proto.ttrpc import ttrpc_pb2
 from ttrpc import framing
 
 log = logging.getLogger(__name__)

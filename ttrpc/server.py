@@ -21,8 +21,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from proto.ttrpc import ttrpc_pb2
 from common import errors
+from proto.ttrpc import ttrpc_pb2
 from ttrpc import framing
 from ttrpc.unix import bind_listening, peer_credentials
 

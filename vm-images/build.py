@@ -144,7 +144,8 @@ def main(argv=None) -> int:
             atomic_symlink(name, IMAGE_DIR / "current")
             gc({name})
         os.utime(final)
-        say(f"ready: {final} (current -> {os.readlink(IMAGE_DIR / 'current') if (IMAGE_DIR / 'current').is_symlink() else '-'}) "
+        current = os.readlink(IMAGE_DIR / "current") if (IMAGE_DIR / "current").is_symlink() else "-"
+        say(f"ready: {final} (current -> {current}) "
             f"in {time.monotonic() - t0:.1f}s")
         if args.print_dir:
             print(final)

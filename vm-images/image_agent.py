@@ -17,7 +17,8 @@ from image_userland import compile_pyc, guest_python
 
 
 def protobuf_dir() -> Path:
-    r = subprocess.run([sys.executable, "-c", "import google.protobuf,os;print(os.path.dirname(google.protobuf.__file__))"],
+    code = "import google.protobuf,os;print(os.path.dirname(google.protobuf.__file__))"
+    r = subprocess.run([sys.executable, "-c", code],
                        capture_output=True, text=True, check=True)
     return Path(r.stdout.strip())
 
@@ -97,7 +98,7 @@ def check_agent_imports(rootfs: Path, opt: Path, files: list[tuple[str, Path]]) 
     if r.returncode != 0 or not r.stdout.startswith("protobuf "):
         raise SystemExit(f"guest python cannot import google.protobuf:\n{r.stdout}{r.stderr}")
     say(f"agent layer: guest python imports {r.stdout.splitlines()[0]}, {len(mods)} modules checked")
-    return [l[5:] for l in r.stdout.splitlines() if l.startswith("FAIL ")]
+    return [ln[5:] for ln in r.stdout.splitlines() if ln.startswith("FAIL ")]
 
 
 def build_agent(base_dir: Path, files: list[tuple[str, Path]], out: Path) -> tuple[int, list[str]]:

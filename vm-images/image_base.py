@@ -66,7 +66,8 @@ def build_base(key: str, pkgs: dict[str, str], debs: dict[str, Path], dest: Path
             say(f"  WARNING unresolved library: {pr}")
         say("python: precompiling stdlib (unchecked-hash pyc)")
         compile_pyc(root, root, root / "usr/lib/python3.11", sourceless=True)
-        r = subprocess.run(guest_python(root) + ["-I", "-c", "import asyncio, json, struct, socket, signal, hashlib, ctypes, lzma, bz2, zlib; print('ok')"],
+        probe = "import asyncio, json, struct, socket, signal, hashlib, ctypes, lzma, bz2, zlib; print('ok')"
+        r = subprocess.run(guest_python(root) + ["-I", "-c", probe],
                            env=dict(os.environ, PYTHONHOME=str(root / "usr")), capture_output=True, text=True)
         if r.stdout.strip() != "ok":
             raise SystemExit(f"guest python self-check failed: {r.stderr}")

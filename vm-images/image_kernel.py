@@ -92,8 +92,8 @@ def build_modules(modroot: Path, dest: Path) -> list[str]:
     builtin = set()
     bfile = modroot / "modules.builtin"
     if bfile.exists():
-        builtin = {Path(l.strip()).name.split(".ko")[0].replace("-", "_")
-                   for l in bfile.read_text().splitlines() if l.strip()}
+        builtin = {Path(ln.strip()).name.split(".ko")[0].replace("-", "_")
+                   for ln in bfile.read_text().splitlines() if ln.strip()}
     order: list[str] = []
     seen: set[str] = set()
     blobs: dict[str, bytes] = {}

@@ -46,7 +46,8 @@ def boot(image: Path, initrd: Path, extra: str) -> tuple[float, dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=3)
-    ap.add_argument("--image", default=os.path.join(os.environ.get("KATA_COLO_IMAGE_DIR", "/var/lib/kata-colo/images"), "current"))
+    images = os.environ.get("KATA_COLO_IMAGE_DIR", "/var/lib/kata-colo/images")
+    ap.add_argument("--image", default=os.path.join(images, "current"))
     ap.add_argument("--initrd")
     ap.add_argument("--show", action="store_true")
     ap.add_argument("extra", nargs="*")

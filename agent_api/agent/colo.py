@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping
 from google.protobuf import empty_pb2
 
 from agent_api.agent.cgroups import CGROUP_ROOT
-from proto.kata_colo import colo_pb2
 from common.errors import FailedPrecondition, InvalidArgument, ResourceError
+from proto.kata_colo import colo_pb2
 from ttrpc import ServerContext
 
 log = logging.getLogger(__name__)

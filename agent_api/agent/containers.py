@@ -15,15 +15,15 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_api.agent.cgroups import Cgroup, network_stats, remove_parent
 from agent_api.agent.agent_config import AgentConfig
+from agent_api.agent.cgroups import Cgroup, network_stats, remove_parent
 from agent_api.agent.guest_process import Process, StdioSetup
 from agent_api.agent.reaper import Reaper
 from agent_api.agent.runc import Runc
 from agent_api.agent.spec import adapt_for_guest, process_to_json, resources_to_json
 from agent_api.agent.validate import check_exec_id, check_id, check_signal
-from proto.kata import agent_pb2, oci_pb2
 from common.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, NotFound
+from proto.kata import agent_pb2, oci_pb2
 
 log = logging.getLogger(__name__)
 REMOVE_WAIT = 10.0

@@ -101,7 +101,7 @@ def metrics_text(proc: str = "/proc") -> str:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     _metric(lines, "kata_agent_process_cpu_seconds_total", "counter",
             "CPU time of the agent", ru.ru_utime + ru.ru_stime)
-    status = {k: v for k, _, v in (l.partition(":") for l in _read(f"{proc}/self/status").splitlines())}
+    status = {k: v for k, _, v in (ln.partition(":") for ln in _read(f"{proc}/self/status").splitlines())}
     rss_kb = status.get("VmRSS", "0 kB").split()[0]
     _metric(lines, "kata_agent_process_resident_memory_bytes", "gauge",
             "resident memory of the agent", int(rss_kb) * 1024 if rss_kb.isdigit() else 0)

@@ -10,9 +10,9 @@ import socket
 from agent_api.agent.agent_config import SHARED_MOUNT_BASE, AgentConfig
 from agent_api.agent.containers import Containers
 from agent_api.agent.validate import check_id, path_within
-from proto.kata import agent_pb2
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceError
 from common.mount import mount, parse_options, umount
+from proto.kata import agent_pb2
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,16 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from common.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, KataColoError,
-                         NotFound, PermissionDenied, Unavailable)
+from common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KataColoError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3

@@ -32,8 +32,8 @@ from typing import Protocol
 from agent_api.agent import netlink
 from agent_api.agent.netlink import RouteEntry
 from agent_api.agent.reaper import Reaper, RunResult, run
-from proto.kata import agent_pb2, types_pb2
 from common.errors import AlreadyExists, Internal, InvalidArgument, KataColoError, NotFound
+from proto.kata import agent_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 SYS_NET = "/sys/class/net"

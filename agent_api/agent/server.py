@@ -9,19 +9,19 @@ import logging
 import os
 import socket
 
+from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.cgroups import remove_parent
 from agent_api.agent.colo import Colo, ColoService
-from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.containers import Containers
-from agent_api.agent.network import Network
 from agent_api.agent.guest_process import StreamEOF
+from agent_api.agent.guest_sandbox import Sandbox
+from agent_api.agent.network import Network
 from agent_api.agent.reaper import Reaper
 from agent_api.agent.runc import Runc
-from agent_api.agent.guest_sandbox import Sandbox
 from agent_api.agent.service import AgentService, HealthService
+from common.errors import to_status
 from proto.kata import agent_pb2, health_pb2
 from proto.kata_colo import colo_pb2
-from common.errors import to_status
 from ttrpc import Server, open_fd_stream
 
 log = logging.getLogger(__name__)

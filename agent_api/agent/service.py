@@ -8,14 +8,15 @@ import logging
 
 from google.protobuf import empty_pb2
 
-from agent_api.agent import AGENT_VERSION, guest_details as guest
+from agent_api.agent import AGENT_VERSION
+from agent_api.agent import guest_details as guest
 from agent_api.agent.colo import Colo
 from agent_api.agent.containers import Containers
-from agent_api.agent.network import Network
 from agent_api.agent.guest_sandbox import Sandbox
+from agent_api.agent.network import Network
 from agent_api.agent.validate import check_id, check_read_len
-from proto.kata import agent_pb2, health_pb2, types_pb2
 from common.errors import InvalidArgument
+from proto.kata import agent_pb2, health_pb2, types_pb2
 from ttrpc import ServerContext
 
 log = logging.getLogger(__name__)

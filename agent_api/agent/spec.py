@@ -1,6 +1,7 @@
 """kata's protobuf ``grpc.Spec`` → OCI runtime-spec JSON (config.json) for runc in the guest.
 
-The protobuf ↔ JSON walk is :mod:`agent_api.oci_codec` (shared with the host). Guest adaptation (:func:`adapt_for_guest`): hooks,
+The protobuf ↔ JSON walk is :mod:`agent_api.oci_codec` (shared with the host). Guest adaptation
+(:func:`adapt_for_guest`): hooks,
 AppArmor/SELinux labels and host namespace paths are dropped, the root path is validated to
 stay under the shared dir and the cgroup path is put under the agent's cgroup parent.
 """
@@ -11,8 +12,8 @@ from typing import Any
 
 from agent_api.agent.validate import check_args, path_within
 from agent_api.oci_codec import to_json
-from proto.kata import oci_pb2
 from common.errors import InvalidArgument
+from proto.kata import oci_pb2
 
 # guest namespaces a container may not keep a host path for: it shares the guest's instead
 _SHARE_WITH_GUEST = {"network", "ipc", "uts", "pid", "cgroup", "mount", "user"}

@@ -8,7 +8,8 @@ OCI JSON ↔ ``grpc.Spec`` / ``grpc.Process`` / ``grpc.LinuxResources`` is :mod:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -30,10 +31,11 @@ M = TypeVar("M", bound=Message)
 def stats_from_pb(resp: agent_pb2.StatsContainerResponse) -> Stats:
     cg = resp.cgroup_stats
     cpu, mem, pids = cg.cpu_stats.cpu_usage, cg.memory_stats, cg.pids_stats
-    extra = dict(mem.stats)
+    extra: dict[str, int] = dict(mem.stats)
     return Stats(
         cpu_usage_ns=cpu.total_usage, cpu_user_ns=cpu.usage_in_usermode, cpu_kernel_ns=cpu.usage_in_kernelmode,
-        memory_usage=mem.usage.usage, memory_limit=mem.usage.limit, memory_rss=extra.get("anon", extra.get("rss", 0)),
+        memory_usage=mem.usage.usage, memory_limit=mem.usage.limit,
+        memory_rss=extra.get("anon", extra.get("rss", 0)),
         memory_cache=mem.cache or extra.get("file", 0),
         memory_inactive_file=extra.get("inactive_file", extra.get("total_inactive_file", 0)),
         pg_fault=extra.get("pgfault", 0), pg_maj_fault=extra.get("pgmajfault", 0),

@@ -17,9 +17,9 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from agent_api.client import transport
+from common.errors import AgentError, DeadlineExceeded, Internal, Unavailable
 from proto.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
 from proto.kata_colo import colo_pb2
-from common.errors import AgentError, DeadlineExceeded, Internal, Unavailable
 from ttrpc import Client, framing
 
 AGENT_SERVICE = "grpc.AgentService"
@@ -96,7 +96,7 @@ class AgentClient:
         limit = TIMEOUTS[method] if timeout is None else timeout
         return await self._client.call(service, method, request, response_type, timeout=limit)
 
-    async def _agent(self, method: str, request: Message, response_type: type[M] = empty_pb2.Empty,  # type: ignore[assignment]
+    async def _agent(self, method: str, request: Message, response_type: type[M] = empty_pb2.Empty,
                      **kw: float | None) -> M:
         return await self._call(AGENT_SERVICE, method, request, response_type, **kw)
 

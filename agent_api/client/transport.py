@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from common.errors import AgentError, DeadlineExceeded, InvalidArgument
@@ -74,7 +75,7 @@ def parse_address(addr: str) -> AgentAddress:
     raise InvalidArgument(f"agent address {addr!r}: unknown scheme {scheme!r}")
 
 
-async def _retry(what: str, attempt, timeout: float) -> Streams:  # type: ignore[no-untyped-def]
+async def _retry(what: str, attempt: Callable[[], Awaitable[Streams]], timeout: float) -> Streams:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     last: Exception | None = None

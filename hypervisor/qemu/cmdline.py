@@ -12,11 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 
+from common.errors import InvalidArgument
 from common.guest_paths import AGENT_PORT_NAME
+from common.ids import valid_id
 from hypervisor.base import BlockDevice, NetDevice, SharedDir, VfioDevice, VmConfig
 from hypervisor.qemu.options import MACHINES, QemuOptions
-from common.errors import InvalidArgument
-from common.ids import valid_id
 
 BASE_KERNEL_PARAMS = ("console=ttyS0", "panic=-1")
 MIN_MEMORY_MIB = 64
@@ -158,7 +158,8 @@ def validate(cfg: VmConfig) -> None:
             raise InvalidArgument(f"bad 9p mount tag {share.tag!r} (1-31 of [A-Za-z0-9_.-])")
         if not os.path.isabs(share.host_path):
             raise InvalidArgument(f"9p share {share.tag}: host path must be absolute")
-    ids = [d.id for d in (*cfg.nics, *cfg.disks, *cfg.vfio)]
+    devices: list[NetDevice | BlockDevice | VfioDevice] = [*cfg.nics, *cfg.disks, *cfg.vfio]
+    ids = [d.id for d in devices]
     if len(set(ids)) != len(ids):
         raise InvalidArgument(f"duplicate device ids: {ids}")
     for nic in cfg.nics:

@@ -17,6 +17,7 @@ import shutil
 import signal
 import time
 from dataclasses import replace
+from typing import Any
 
 from common.errors import DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument, KataColoError
 from hypervisor import host
@@ -183,7 +184,8 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
         assert self._monitor is not None and self._exited is not None
         connect = asyncio.ensure_future(self._monitor.connect(timeout))
         exited = asyncio.shield(self._exited)
-        done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {connect, exited}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if connect not in done:
             connect.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError
 
@@ -75,7 +76,7 @@ class QmpMonitor:
                 last_error = exc
                 await asyncio.sleep(min(interval, max(deadline - loop.time(), 0)))
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 sock.close()
                 continue
             except OSError as exc:
@@ -85,7 +86,7 @@ class QmpMonitor:
             try:
                 # The greeting only comes once QEMU's main loop runs: this wait is part of boot.
                 await asyncio.wait_for(qmp.connect(sock), max(deadline - loop.time(), 0.01))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 sock.close()
                 raise DeadlineExceeded(f"QMP on {self.path} gave no greeting within {timeout:.1f}s") from None
             except QMPError as exc:
@@ -139,7 +140,8 @@ class QmpMonitor:
             return await self._await(fut, timeout, f"event {name}")
 
     @contextlib.asynccontextmanager
-    async def expect_event(self, name: str, match: Callable[[dict[str, Any]], bool]):  # type: ignore[no-untyped-def]
+    async def expect_event(self, name: str, match: Callable[[dict[str, Any]], bool]
+                           ) -> AsyncIterator[asyncio.Future[dict[str, Any]]]:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
         def on_event(ev: dict[str, Any]) -> None:
@@ -156,7 +158,7 @@ class QmpMonitor:
     async def _await(fut: asyncio.Future[dict[str, Any]], timeout: float, what: str) -> dict[str, Any]:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded(f"QMP: no {what} within {timeout:.1f}s") from None
 
     # -- commands -----------------------------------------------------------------------------
@@ -172,7 +174,7 @@ class QmpMonitor:
         limit = self.command_timeout if timeout is None else timeout
         try:
             return await asyncio.wait_for(qmp.execute(cmd, args), limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded(f"QMP {cmd} did not answer within {limit:.1f}s") from None
         except ExecuteError as exc:
             raise HypervisorError(f"QMP {cmd} failed: {exc.error_class}: {exc}") from None

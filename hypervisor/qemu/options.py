@@ -35,7 +35,7 @@ class QemuOptions:
     pcie_root_ports: int = 0
     ninep_security_model: str = "none"
 
-    def validate(self, where: str = "hypervisor.qemu") -> "QemuOptions":
+    def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(f"invalid configuration: {where}.{message}")

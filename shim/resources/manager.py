@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, ClassVar, Mapping, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from common.errors import KataColoError, ResourceError
 from hypervisor.base import VmPatch

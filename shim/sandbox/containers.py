@@ -3,7 +3,8 @@ run by the guest agent in the pod's :class:`~shim.sandbox.sandbox.Sandbox`.
 
 The first Create starts the sandbox. Every container's rootfs (mounted on its bundle by the task
 service) is bound into the share (``nosuid,nodev``; the container's read-only volumes read-only
-on the host side too), its OCI spec is rewritten for the guest (:mod:`shim.sandbox.oci_guest`) and the agent creates it; stdio
+on the host side too), its OCI spec is rewritten for the guest (:mod:`shim.sandbox.oci_guest`)
+and the agent creates it; stdio
 is copied between containerd's endpoints and the agent's stream calls. Only mechanism lives here
 (stdio, shared files, the guest spec): statuses are the task service's process table. When the
 VM dies, the agent connection drops and every waiting process is reported exited with 255.
@@ -16,7 +17,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ class _Container:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class ContainerOps:
@@ -70,7 +71,7 @@ class ContainerOps:
         self._boot_lock = asyncio.Lock()
 
     @classmethod
-    def from_context(cls, ctx: BackendContext) -> "ContainerOps":
+    def from_context(cls, ctx: BackendContext) -> ContainerOps:
         """The product backend factory (shim.cli's composition root)."""
         return cls(Sandbox(ctx))
 

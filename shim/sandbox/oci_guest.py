@@ -13,7 +13,8 @@ import copy
 import hashlib
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from common.errors import InvalidArgument
 
@@ -32,7 +33,7 @@ def validate(spec: Any) -> dict[str, Any]:
     proc = spec.get("process")
     _require(isinstance(proc, dict), "process must be an object")
     args = proc.get("args")
-    _require(isinstance(args, list) and args and all(isinstance(a, str) for a in args),
+    _require(isinstance(args, list) and bool(args) and all(isinstance(a, str) for a in args),
              "process.args must be a non-empty list of strings")
     _require(isinstance(proc.get("env", []), list), "process.env must be a list")
     _require(isinstance(spec.get("root", {}), dict), "root must be an object")
@@ -98,6 +99,6 @@ def process_from_exec(spec: Any) -> dict[str, Any]:
     """Validate an exec's OCI Process JSON (ExecProcessRequest.spec)."""
     _require(isinstance(spec, dict), "exec process must be an object")
     args = spec.get("args")
-    _require(isinstance(args, list) and args and all(isinstance(a, str) for a in args),
+    _require(isinstance(args, list) and bool(args) and all(isinstance(a, str) for a in args),
              "exec process.args must be a non-empty list of strings")
     return spec

@@ -16,8 +16,9 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from agent_api.client.facade import GuestAgent
 from common.errors import FailedPrecondition, KataColoError
@@ -139,9 +140,9 @@ class Sandbox:
         if self.state is not State.STOPPING:
             log.warning("sandbox %s: VM exited (%s)", self.id, rc)
 
-    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A background task that lives as long as the VM (cancelled by :meth:`stop`)."""
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

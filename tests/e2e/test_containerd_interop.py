@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from google.protobuf import any_pb2, empty_pb2
@@ -28,7 +28,7 @@ def test_our_ttrpc_client_publishes_an_event_containerd_accepts(fake_containerd)
             client = await Client.connect_unix(c.ttrpc_address, timeout=5)
             req = ttrpc_pb2.ForwardRequest()
             env = req.envelope
-            datetime_to_ts(datetime.now(timezone.utc), env.timestamp)
+            datetime_to_ts(datetime.now(UTC), env.timestamp)
             env.namespace = "default"
             env.topic = "/tasks/oom"
             ev = events_pb2.TaskOOM(container_id="kc-interop-probe")

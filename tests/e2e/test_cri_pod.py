@@ -25,9 +25,9 @@ from typing import TypeVar
 
 import pytest
 
+from common.errors import NotFound
 from cri.client import CriClient, container_config, pod_config
 from proto.cri.runtime.v1 import api_pb2 as api
-from common.errors import NotFound
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
@@ -241,7 +241,7 @@ def _holders(netns_ino: int) -> list[int]:
 
 
 def _qemu(sandbox_id: str) -> list[str]:
-    return [l for l in run("pgrep", "-af", "qemu-system").stdout.splitlines() if sandbox_id in l]
+    return [ln for ln in run("pgrep", "-af", "qemu-system").stdout.splitlines() if sandbox_id in ln]
 
 
 def test_removing_the_pods_leaves_nothing_behind(pods, cri_containerd):
@@ -269,7 +269,7 @@ def test_removing_the_pods_leaves_nothing_behind(pods, cri_containerd):
                 "qemu": _qemu(pod.id),
                 "shim": shim_processes(pod.id),
                 "state": (STATE_ROOT / pod.id).exists(),
-                "mounts": [l for l in Path("/proc/self/mounts").read_text().splitlines() if pod.id in l],
+                "mounts": [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if pod.id in ln],
             }
             found.update({f"{pod.name} {k}": v for k, v in left.items() if v})
         veths = run("ip", "-o", "link", "show", "master", c.cni_bridge).stdout.strip()

@@ -33,7 +33,7 @@ def assert_nothing_left(c, sandbox_id: str, timeout: float = 20) -> None:
         leftovers = {
             "qemu": qemu_pids(sandbox_id),
             "state": (STATE_ROOT / sandbox_id).exists(),
-            "mounts": [l for l in Path("/proc/self/mounts").read_text().splitlines() if f"/{sandbox_id}/" in l],
+            "mounts": [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if f"/{sandbox_id}/" in ln],
             "shim socket": [p for p in [socket_path(c.address, "default", sandbox_id)] if os.path.exists(p)],
         }
         if not any(leftovers.values()):
@@ -141,7 +141,7 @@ def test_sigkill_of_shim_then_delete_cleans_up(kata_containerd):
     c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
     try:
         assert qemu_pids(cid)
-        shims = [int(l.split()[0]) for l in shim_processes(str(c.dir)) if cid in l]
+        shims = [int(ln.split()[0]) for ln in shim_processes(str(c.dir)) if cid in ln]
         assert len(shims) == 1, shim_processes(str(c.dir))
         os.kill(shims[0], signal.SIGKILL)
         time.sleep(1)

@@ -21,14 +21,14 @@ import fcntl
 import os
 import signal
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.errors import FailedPrecondition, NotFound, Unimplemented
 from common.mount import is_mountpoint
 from shim import rootfs as rootfs_mod
 from shim.backend import BackendContext, CreateOpts, ExecOpts, ExitInfo, ProcessPid, Stats, Stdio
-from common.errors import FailedPrecondition, NotFound, Unimplemented
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -149,7 +149,7 @@ class HostProcessBackend:
             assert proc.exit is not None
             if not proc.exit.done():
                 proc.exit.set_result(ExitInfo(128 - code if code < 0 else code,
-                                              datetime.now(timezone.utc)))
+                                              datetime.now(UTC)))
 
         loop.add_reader(pidfd, reap)
         if not gated:

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from agent_api.client.rpc import AgentClient
-from proto.kata import oci_pb2
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from proto.kata import oci_pb2
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"

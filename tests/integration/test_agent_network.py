@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from agent_api.client.rpc import AgentClient
-from hypervisor.base import AgentAddress
-from proto.kata import types_pb2
-from common.errors import InvalidArgument, NotFound
 from agent_api.client.convert import route_from_dict
 from agent_api.client.facade import GuestAgent
+from agent_api.client.rpc import AgentClient
+from common.errors import InvalidArgument, NotFound
+from hypervisor.base import AgentAddress
+from proto.kata import types_pb2
 from shim.resources.network import VethEndpoint, scan_netns
 
 REPO = Path(__file__).resolve().parents[2]

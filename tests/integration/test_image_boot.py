@@ -103,7 +103,7 @@ def boot_poweroff(image: Path, tmp: Path) -> tuple[list[tuple[float, str]], int]
         proc.stdout.close()
     if time.monotonic() - t0 >= BOOT_TIMEOUT:
         pytest.fail(f"guest did not power off in {BOOT_TIMEOUT}s:\n" +
-                    "\n".join(l for _, l in lines[-40:]))
+                    "\n".join(ln for _, ln in lines[-40:]))
     return lines, proc.returncode
 
 
@@ -114,7 +114,7 @@ def test_boot_poweroff_selftest(image: Path) -> None:
         lines, rc = boot_poweroff(image, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log = "\n".join(l for _, l in lines)
+    log = "\n".join(ln for _, ln in lines)
     tail = log[-3000:]
     assert rc == 0, tail
     assert "kata-colo-init: modules loaded: " in log, tail
@@ -124,7 +124,7 @@ def test_boot_poweroff_selftest(image: Path) -> None:
     assert "kata-colo-selftest: python ok protobuf" in log, tail
     assert "kata-colo-selftest: runc runc version" in log, tail
     assert "kata-colo-init: poweroff" in log, tail
-    ready = next(t for t, l in lines if "kata-colo-init: ready" in l)
+    ready = next(t for t, ln in lines if "kata-colo-init: ready" in ln)
     imp = re.search(r"python import took ([\d.]+) -> ([\d.]+)", log)
     print(f"qemu start -> init ready {ready:.1f}s; python3 -c 'import google.protobuf' "
           f"{float(imp.group(2)) - float(imp.group(1)):.1f}s in the guest; "

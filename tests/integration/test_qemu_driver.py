@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import HypervisorError
 from hypervisor.base import Hypervisor, SharedDir, VmConfig
 from hypervisor.qemu.driver import QemuHypervisor
 from hypervisor.qemu.options import QemuOptions
-from common.errors import HypervisorError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 

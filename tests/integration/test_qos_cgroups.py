@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.config import ColoConfig
 from common.errors import ConfigError, ResourceError
+from shim.config import ColoConfig
 from shim.resources.qos import QosConfig, QosManager, detect_driver, parse_vcpu_priorities, placement
 from shim.resources.qos.driver import CgroupDriver
 

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from agent_api.client.convert import ninep_storage
+from agent_api.client.facade import GuestAgent
 from agent_api.client.rpc import AgentClient
-from hypervisor.base import NetDevice
+from common.guest_paths import GUEST_SHARED_DIR
+from hypervisor.base import NetDevice, SharedDir
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config
-from agent_api.client.facade import GuestAgent
-from common.guest_paths import GUEST_SHARED_DIR
 from shim.sandbox.vmconfig import vm_config
-from agent_api.client.convert import ninep_storage
-from hypervisor.base import SharedDir
 from tests.integration.test_agent_host import build_rootfs, exec_process, make_spec, read_all
 
 IMAGE = Path("/var/lib/kata-colo/images/current")

@@ -14,7 +14,8 @@ import errno
 import os
 import stat
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from common.errors import InvalidArgument, NotFound, ResourceError
 

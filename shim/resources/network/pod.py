@@ -12,16 +12,16 @@ Blocking (netlink, a few ms): call :meth:`PodNetwork.setup` / :meth:`teardown` t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from hypervisor.base import NetDevice
 from common.errors import InvalidArgument, ResourceError
+from hypervisor.base import NetDevice
 from shim.resources.network.endpoint import VethEndpoint, route_order
 from shim.resources.network.scan import scan_netns
 from shim.resources.network.tap import MAX_QUEUES
 from shim.resources.network.tcfilter import BackendName, TapAttachment, TcFilterNetwork
-
 
 
 def netns_from_spec(spec: dict[str, Any]) -> str:
@@ -53,13 +53,13 @@ class PodNetwork:
 
     @classmethod
     def setup(cls, netns: str, queues: int = 1, backend: BackendName = "auto",
-              on_change: Callable[[], None] | None = None) -> "PodNetwork":
+              on_change: Callable[[], None] | None = None) -> PodNetwork:
         """Scan *netns* and wire each veth to a tap. On failure nothing is left behind.
         ``on_change`` runs before each tap is made and after each change (write-ahead)."""
         return cls.wire(TcFilterNetwork(netns, backend, on_change=on_change), queues)
 
     @classmethod
-    def wire(cls, net: TcFilterNetwork, queues: int = 1) -> "PodNetwork":
+    def wire(cls, net: TcFilterNetwork, queues: int = 1) -> PodNetwork:
         """Like :meth:`setup` with a TcFilterNetwork the caller already holds (and journals)."""
         endpoints = scan_netns(net.netns_path)
         pod = cls(net.netns_path, endpoints, net)

@@ -29,7 +29,7 @@ class NetworkResource:
         self.pod: podnet.PodNetwork | None = None
 
     @classmethod
-    def for_sandbox(cls, ctx: ResourceContext) -> "NetworkResource | None":
+    def for_sandbox(cls, ctx: ResourceContext) -> NetworkResource | None:
         netns = podnet.netns_from_spec(dict(ctx.spec))
         if not netns or ctx.config.runtime.internetworking_model == "none":
             return None

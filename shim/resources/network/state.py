@@ -51,7 +51,7 @@ class TcFilterState:
         return {"version": STATE_VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TcFilterState":
+    def from_dict(cls, data: dict[str, Any]) -> TcFilterState:
         if not isinstance(data, dict):
             raise InvalidArgument("tc-filter state must be an object")
         if data.get("version") != STATE_VERSION:
@@ -72,7 +72,7 @@ class TcFilterState:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TcFilterState":
+    def from_json(cls, text: str) -> TcFilterState:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

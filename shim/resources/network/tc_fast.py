@@ -22,7 +22,7 @@ _ATTACH_STEPS = ("tap mtu/up", st.QDISC_VETH, st.QDISC_TAP, st.FILTER_VETH, st.F
 
 def load_speedups() -> ModuleType | None:
     try:
-        from shim._speedups import netlink
+        from shim._speedups import netlink  # type: ignore[attr-defined]  # Cython, no stub
     except ImportError:
         return None
     return netlink

@@ -66,6 +66,7 @@ class Pyroute2Backend:
 
     def detach(self, state: TcFilterState) -> None:
         veth, tap = ifindex(state.veth_name), ifindex(state.tap_name)
+        ipr: IPRoute
         plan = [
             (st.FILTER_VETH, veth, lambda i: _del_filter(ipr, i, state.filter_prio)),
             (st.FILTER_TAP, tap, lambda i: _del_filter(ipr, i, state.filter_prio)),

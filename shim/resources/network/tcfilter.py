@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from common.errors import (
     AlreadyExists,
@@ -160,7 +161,7 @@ class TcFilterNetwork:
                           sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, backend: BackendName = "auto") -> "TcFilterNetwork":
+    def from_json(cls, text: str, backend: BackendName = "auto") -> TcFilterNetwork:
         """Restore from to_json() output. Works when the netns is already gone (detach is then
         a no-op), so `delete` after a crash can always call detach()."""
         try:

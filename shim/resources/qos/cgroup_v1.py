@@ -127,7 +127,8 @@ class V1Driver(CgroupDriver):
             has_burst = os.path.exists(path("cpu.cfs_burst_us"))
             if knobs.burst and not has_burst:
                 raise ResourceError("cpu.cfs_burst_us is not supported by this kernel (needs Linux 5.14+)")
-            quota = knobs.cfs_quota_us if knobs.cfs_quota_us is not None else int(cgroupfs.read_value(path("cpu.cfs_quota_us")))
+            quota = (knobs.cfs_quota_us if knobs.cfs_quota_us is not None
+                     else int(cgroupfs.read_value(path("cpu.cfs_quota_us"))))
             burst = knobs.burst
             if burst is None and has_burst:
                 burst = int(cgroupfs.read_value(path("cpu.cfs_burst_us")))

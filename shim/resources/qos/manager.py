@@ -19,10 +19,11 @@ import contextlib
 import errno
 import os
 import threading
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from common.ids import valid_id
 from common.errors import ConfigError, ResourceError
+from common.ids import valid_id
 from shim.resources.qos import cgroupfs
 from shim.resources.qos.annotation import priority_map, render_guest_json
 from shim.resources.qos.detect import detect_driver
@@ -274,7 +275,7 @@ class QosManager:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], config: QosConfig,
-                   driver: CgroupDriver | None = None, placer: Placer | None = None) -> "QosManager":
+                   driver: CgroupDriver | None = None, placer: Placer | None = None) -> QosManager:
         if state.get("version") != STATE_VERSION:
             raise ResourceError(f"unsupported QoS state version {state.get('version')!r}")
         if state.get("cgroup_root") != config.cgroup_root:

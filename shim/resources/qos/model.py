@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from common.errors import ConfigError
 
@@ -92,7 +93,7 @@ class CpuKnobs:
     cfs_burst_us: int | None = None
     cpuset: str | None = None
 
-    def validate(self, where: str) -> "CpuKnobs":
+    def validate(self, where: str) -> CpuKnobs:
         if self.cpu_shares is not None and self.cpu_weight is not None:
             raise ConfigError(f"{where}: set cpu_shares or cpu_weight, not both")
         if self.cpu_shares is not None and not SHARES_MIN <= self.cpu_shares <= SHARES_MAX:
@@ -165,7 +166,7 @@ class QosConfig:
     root: CpuKnobs = CpuKnobs()
     priorities: Mapping[str, Priority] = field(default_factory=dict)
 
-    def validate(self) -> "QosConfig":
+    def validate(self) -> QosConfig:
         if not _CGROUP_NAME.fullmatch(self.cgroup_root) or self.cgroup_root in (".", ".."):
             raise ConfigError(f"colo.cgroup_root must be a plain cgroup name, not {self.cgroup_root!r}")
         self.root.validate("colo.root")
@@ -183,7 +184,7 @@ class QosConfig:
         return self
 
     @classmethod
-    def from_colo(cls, colo: Any) -> "QosConfig":
+    def from_colo(cls, colo: Any) -> QosConfig:
         """From shim.config.ColoConfig (fields cgroup_root, root, priorities)."""
         return from_colo_config(colo)
 
@@ -198,7 +199,7 @@ class QosConfig:
         """The most best-effort priority (default for vCPUs without an explicit priority)."""
         return min(self.priorities.values(), key=lambda p: p.rank).name
 
-    def with_priority_knobs(self, name: str, changes: Mapping[str, Any]) -> "QosConfig":
+    def with_priority_knobs(self, name: str, changes: Mapping[str, Any]) -> QosConfig:
         """A new config with ``changes`` (same keys as the TOML table) merged into one priority."""
         old = self.priority(name)
         merged = {**_knobs_to_table(old.knobs), "pin": old.pin, **dict(changes)}

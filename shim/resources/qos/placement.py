@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 PlaceOp = tuple[int, Sequence[str], Sequence[int] | None]
 Failure = tuple[int, str, int]
@@ -59,7 +59,7 @@ def cython_placer() -> Placer | None:
         from shim._speedups import pinning  # type: ignore[attr-defined]
     except ImportError:
         return None
-    return pinning.place_threads  # type: ignore[no-any-return]
+    return pinning.place_threads
 
 
 def available_placers() -> dict[str, Placer]:

@@ -9,7 +9,8 @@ live-change operations the admin socket exposes are here too.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from common.errors import FailedPrecondition
 from shim.resources.manager import ResourceContext
@@ -26,7 +27,7 @@ class QosResource:
         self.placed = False
 
     @classmethod
-    def for_sandbox(cls, ctx: ResourceContext) -> "QosResource | None":
+    def for_sandbox(cls, ctx: ResourceContext) -> QosResource | None:
         value = ctx.annotations.get(ANNOTATION)
         if not value:
             return None

@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 from common.errors import InvalidArgument, ResourceError
-from common.mount import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, MNT_DETACH, mount
+from common.mount import MNT_DETACH, MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT, mount
 
 _SYS_OPENAT2 = 437  # x86_64 and aarch64
 RESOLVE_NO_XDEV = 0x01
@@ -62,7 +62,7 @@ class Beneath:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "Beneath":
+    def __enter__(self) -> Beneath:
         return self
 
     def __exit__(self, *exc: object) -> None:

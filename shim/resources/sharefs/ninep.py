@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from agent_api.client.convert import ninep_storage
 from common.errors import InvalidArgument, ResourceError
@@ -79,7 +80,7 @@ class Virtio9pShare:
             b.umount_all(f"{container_id}/rootfs")
         self._remove(self.host_dir / container_id)
 
-    def unshare_container(self, container_id: str, owns: "Callable[[str], bool]") -> None:
+    def unshare_container(self, container_id: str, owns: Callable[[str], bool]) -> None:
         """Everything of one container: its rootfs and the share entries ``owns`` claims
         (``delete`` after a crash, which has no list of them)."""
         self.unshare(container_id)
@@ -118,7 +119,7 @@ class ShareFsResource:
         self.share = Virtio9pShare(state_dir / SHARE_DIR)
 
     @classmethod
-    def for_sandbox(cls, ctx: ResourceContext) -> "ShareFsResource | None":
+    def for_sandbox(cls, ctx: ResourceContext) -> ShareFsResource | None:
         if ctx.config.hypervisor.shared_fs == "none":
             return None
         if "virtio-9p" not in ctx.hypervisor.capabilities().shared_fs:

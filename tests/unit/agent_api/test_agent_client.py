@@ -8,9 +8,9 @@ import pytest
 
 from agent_api.client import transport
 from agent_api.client.rpc import TIMEOUTS, AgentClient
+from common.errors import AgentError, DeadlineExceeded, InvalidArgument
 from proto.kata import agent_pb2, health_pb2
 from proto.kata_colo import colo_pb2
-from common.errors import AgentError, DeadlineExceeded, InvalidArgument
 
 BLOCKING = {"WaitProcess", "ReadStdout", "ReadStderr", "GetOOMEvent"}
 

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from agent_api.agent.colo import (ANNOTATION_CONTAINER_PRIORITY, Colo, check_priorities,
-                                  format_cpu_list, parse_cpu_list, render_json)
+from agent_api.agent.colo import (
+    ANNOTATION_CONTAINER_PRIORITY,
+    Colo,
+    check_priorities,
+    format_cpu_list,
+    parse_cpu_list,
+    render_json,
+)
 from agent_api.agent.server import Agent
 from agent_api.client.rpc import TIMEOUTS, AgentClient
-from proto.kata import oci_pb2
 from common.errors import InvalidArgument, NotFound
+from proto.kata import oci_pb2
 from shim.resources.qos.annotation import render_guest_json
 from tests.unit.agent_api.test_agent_server import unit_agent
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from agent_api.agent import guest_details as guest
-from agent_api.agent.cgroups import Cgroup, network_stats
 from agent_api.agent import netlink
+from agent_api.agent.cgroups import Cgroup, network_stats
 from agent_api.agent.netlink import RouteEntry
 from agent_api.agent.network import Network, describe, parse_addrs, route_entry
 from agent_api.agent.reaper import RunResult
-from proto.kata import agent_pb2, types_pb2
 from common.errors import AlreadyExists, InvalidArgument, NotFound
+from proto.kata import agent_pb2, types_pb2
 
 IPROUTE_ADDRS = """\
 1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
@@ -72,10 +72,10 @@ class FakeRtnl:
         self.log: list[tuple[str, RouteEntry]] = []
         self.neighbors: list[tuple[int, str, bytes, int, int]] = []
 
-    def __call__(self) -> "FakeRtnl":
+    def __call__(self) -> FakeRtnl:
         return self
 
-    def __enter__(self) -> "FakeRtnl":
+    def __enter__(self) -> FakeRtnl:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -293,7 +293,8 @@ def test_cgroup_v2_stats_and_oom(tmp_path: Path) -> None:
     root = tmp_path / "cg"
     _files(root, {"cgroup.controllers": "cpu memory pids\n"})
     _files(root / "kc" / "c1", {
-        "cpu.stat": "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 4\nnr_throttled 1\nthrottled_usec 7\n",
+        "cpu.stat": ("usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 4\nnr_throttled 1\n"
+                     "throttled_usec 7\n"),
         "memory.current": "4096\n", "memory.max": "max\n", "memory.peak": "8192\n",
         "memory.stat": "anon 100\nfile 200\n", "memory.events": "low 0\nmax 2\noom 1\noom_kill 3\n",
         "pids.current": "2\n", "pids.max": "64\n", "cgroup.procs": "10\n11\n"})

@@ -11,8 +11,7 @@ import pytest
 
 from agent_api.agent import netlink as nl
 from agent_api.agent.netlink import RouteEntry
-from common.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,
-                         PermissionDenied)
+from common.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound, PermissionDenied
 
 
 def h(text: str) -> bytes:

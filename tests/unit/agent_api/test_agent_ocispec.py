@@ -8,8 +8,8 @@ import pytest
 
 from agent_api.agent.spec import adapt_for_guest
 from agent_api.oci_codec import process_from_oci, resources_from_oci, spec_from_oci, spec_to_oci
-from proto.kata import oci_pb2
 from common.errors import InvalidArgument
+from proto.kata import oci_pb2
 
 CONFIG: dict[str, Any] = {
     "ociVersion": "1.0.2-dev",

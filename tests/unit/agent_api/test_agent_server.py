@@ -14,10 +14,9 @@ from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.reaper import Reaper, run, spawn
 from agent_api.agent.server import Agent, find_serial_port
 from agent_api.client.rpc import AgentClient
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
 from proto.kata import agent_pb2, oci_pb2
 from proto.ttrpc import ttrpc_pb2
-from common.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
-                         ResourceExhausted, Unimplemented)
 from ttrpc import framing
 
 
@@ -64,7 +63,8 @@ async def test_invalid_requests_keep_serving(agent: tuple[Agent, str]) -> None:
         with pytest.raises(FailedPrecondition):
             await c.destroy_sandbox()
         with pytest.raises(InvalidArgument):
-            await c.create_sandbox(storages=[agent_pb2.Storage(driver="blk", source="x", mount_point="/run/kata-containers/x")])
+            await c.create_sandbox(storages=[agent_pb2.Storage(driver="blk", source="x",
+                                                               mount_point="/run/kata-containers/x")])
         with pytest.raises(InvalidArgument):
             await c.create_sandbox(storages=[agent_pb2.Storage(driver="9p", source="kataShared", fstype="9p",
                                                                mount_point="/etc")])

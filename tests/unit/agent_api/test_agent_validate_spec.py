@@ -5,10 +5,10 @@ import pytest
 
 from agent_api.agent import agent_config as config
 from agent_api.agent.spec import adapt_for_guest, process_to_json, resources_to_json
-from agent_api.oci_codec import json_name
 from agent_api.agent.validate import check_exec_id, check_id, check_read_len, check_signal, path_within
-from proto.kata import oci_pb2
+from agent_api.oci_codec import json_name
 from common.errors import ConfigError, InvalidArgument
+from proto.kata import oci_pb2
 
 SHARED = "/run/kata-containers/shared/containers"
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from shim import config
 from common.errors import ConfigError, InvalidArgument
+from shim import config
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -12,11 +12,11 @@ import grpc
 import grpc.aio
 import pytest
 
+from common.errors import InvalidArgument, NotFound, Unavailable
 from cri.__main__ import main as cli_main
 from cri.client import CriClient, target
 from proto.cri.runtime.v1 import api_pb2 as api
 from proto.cri.runtime.v1 import api_pb2_grpc as api_grpc
-from common.errors import InvalidArgument, NotFound, Unavailable
 
 
 class FakeRuntime(api_grpc.RuntimeServiceServicer):

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from hypervisor.qemu.monitor import QmpMonitor
 from common.errors import ConnectionClosed, DeadlineExceeded, HypervisorError
+from hypervisor.qemu.monitor import QmpMonitor
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
                     "capabilities": []}}

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from agent_api.agent.network import check_interface, check_neighbor, route_entry
-from hypervisor.base import AgentAddress
-from proto.kata import types_pb2
-from common.errors import InvalidArgument
 from agent_api.client.convert import interface_from_dict, neighbor_from_dict, route_from_dict
 from agent_api.client.facade import GuestAgent
+from common.errors import InvalidArgument
+from hypervisor.base import AgentAddress
+from proto.kata import types_pb2
 from shim.resources.network.endpoint import NUD_PERMANENT, RT_SCOPE_LINK, IPAddr, Neighbor, Route, VethEndpoint
 
 

@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError
 from shim import config
 from shim.config import ColoConfig
-from common.errors import ConfigError
-from shim.resources.qos import (QosConfig, parse_vcpu_priorities, priority_map, render_guest_json,
-                                shares_to_weight, weight_to_shares)
+from shim.resources.qos import (
+    QosConfig,
+    parse_vcpu_priorities,
+    priority_map,
+    render_guest_json,
+    shares_to_weight,
+    weight_to_shares,
+)
 from shim.resources.qos.cgroup_v2 import render_knobs
 from shim.resources.qos.detect import detect_version
 from shim.resources.qos.model import CpuKnobs, format_cpuset, from_tables, parse_cpuset

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.config import ColoConfig
 from common.errors import ResourceError
+from shim.config import ColoConfig
 from shim.resources.qos import QosConfig, QosManager
 from shim.resources.qos.cgroup_v2 import V2Driver
 from shim.resources.qos.cgroupfs import cgroup_mounts, v2_mountpoint

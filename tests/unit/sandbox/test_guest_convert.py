@@ -1,11 +1,9 @@
-from proto.kata import agent_pb2, oci_pb2
-
 import pytest
 
-from agent_api.oci_codec import to_json
-from common.errors import InvalidArgument
-from agent_api.oci_codec import spec_from_oci
 from agent_api.client.convert import stats_from_pb
+from agent_api.oci_codec import spec_from_oci, to_json
+from common.errors import InvalidArgument
+from proto.kata import agent_pb2, oci_pb2
 
 SPEC = {
     "ociVersion": "1.0.2-dev",
@@ -57,4 +55,5 @@ def test_stats_mapping():
     resp.cgroup_stats.memory_stats.stats["inactive_file"] = 7
     resp.cgroup_stats.pids_stats.current = 3
     s = stats_from_pb(resp)
-    assert (s.cpu_usage_ns, s.memory_usage, s.memory_rss, s.memory_inactive_file, s.pids_current) == (123, 4096, 1024, 7, 3)
+    got = (s.cpu_usage_ns, s.memory_usage, s.memory_rss, s.memory_inactive_file, s.pids_current)
+    assert got == (123, 4096, 1024, 7, 3)

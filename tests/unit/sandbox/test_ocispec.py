@@ -1,7 +1,7 @@
 import pytest
 
-from shim.sandbox import oci_guest as ocispec
 from common.errors import InvalidArgument
+from shim.sandbox import oci_guest as ocispec
 
 
 def _spec(**over):

@@ -103,7 +103,8 @@ async def test_binary_logger_gets_fd3_and_fd4(tmp_path):
     script.write_text(
         f"#!{sys.executable}\nimport os,sys\nos.close(5)\n"
         f"o=os.fdopen(3,'rb').read(); e=os.fdopen(4,'rb').read()\n"
-        f"open({str(dest)!r},'wb').write(o+b'|'+e+b'|'+os.environ['CONTAINER_ID'].encode()+b'|'+' '.join(sys.argv[1:]).encode())\n")
+        f"open({str(dest)!r},'wb').write(o+b'|'+e+b'|'+os.environ['CONTAINER_ID'].encode()"
+        "+b'|'+' '.join(sys.argv[1:]).encode())\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     io = ProcessIO(Stdio(stdout=f"binary://{script}?tag=x", stderr=f"binary://{script}?tag=x"),
                    container_id="c9")

@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from google.protobuf import empty_pb2
 
+from common.errors import to_status
 from proto.containerd.services.events import ttrpc_pb2 as evsvc_pb2
 from proto.containerd.task.v2 import shim_pb2
-from common.errors import to_status
 from shim.events import EventPublisher
 from shim.task_service import TaskService
 from tests.fakes.event_sink import EventSink

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from google.protobuf import any_pb2, timestamp_pb2
 
+from common.errors import InvalidArgument
 from proto.containerd.cgroups.v1 import metrics_pb2
 from proto.containerd.task.v2 import shim_pb2
 from proto.runtimeoptions.v1 import options_pb2
 from shim import convert, persist
 from shim.backend import ExitInfo, Stats, Stdio
-from common.errors import InvalidArgument
 from shim.process import Process, Status
 
 
 def test_timestamp_round_trip_and_go_zero():
-    dt = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
+    dt = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     ts = convert.datetime_to_ts(dt)
     assert (ts.seconds, ts.nanos) == (1714979289, 123456000)
     assert convert.ts_to_datetime(ts) == dt
@@ -49,7 +49,7 @@ def test_state_response_and_events():
     p = Process("c", "", "/b", Stdio("", "/o", "", False), pid=42, status=Status.RUNNING)
     r = convert.state_response(p)
     assert (r.id, r.pid, r.status, r.stdout, r.exit_status) == ("c", 42, 2, "/o", 0)
-    p.set_exited(ExitInfo(9, datetime(2024, 1, 1, tzinfo=timezone.utc)))
+    p.set_exited(ExitInfo(9, datetime(2024, 1, 1, tzinfo=UTC)))
     r = convert.state_response(p)
     assert r.status == 3 and r.exit_status == 9 and r.exited_at.seconds == 1704067200
     ev = convert.ev_exit(p)

@@ -9,10 +9,17 @@ import signal
 import pytest
 from google.protobuf import any_pb2
 
+from common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
 from proto.containerd.cgroups.v1 import metrics_pb2
 from proto.containerd.task.v2 import shim_pb2
-from common.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,
-                         Unavailable, Unimplemented)
 from shim.process import Status
 
 pytestmark = pytest.mark.asyncio

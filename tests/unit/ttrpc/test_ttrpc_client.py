@@ -9,9 +9,9 @@ import pytest
 from google.protobuf import empty_pb2
 from ttrpc_testlib import SVC, TaskImpl, assert_no_other_tasks
 
+from common import errors
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from common import errors
 from ttrpc import Client, Server, ServerContext, framing
 
 Served = tuple[Server, TaskImpl, str]

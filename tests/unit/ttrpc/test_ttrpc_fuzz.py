@@ -8,9 +8,9 @@ from collections import Counter
 
 from ttrpc_testlib import SVC, TaskImpl, request_bytes
 
+from common import errors
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from common import errors
 from ttrpc import Client, Server, framing
 
 Served = tuple[Server, TaskImpl, str]

@@ -12,9 +12,9 @@ import pytest
 from google.protobuf import empty_pb2
 from ttrpc_testlib import SVC, TASK, TaskImpl, assert_no_other_tasks, read_response, request_bytes
 
+from common import errors
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from common import errors
 from ttrpc import Client, Server, ServerContext, framing
 
 Served = tuple[Server, TaskImpl, str]

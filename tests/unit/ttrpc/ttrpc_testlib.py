@@ -5,9 +5,9 @@ import asyncio
 
 from google.protobuf import empty_pb2
 
+from common import errors
 from proto.containerd.task.v2 import shim_pb2
 from proto.ttrpc import ttrpc_pb2
-from common import errors
 from ttrpc import ServerContext, framing
 
 SVC = "containerd.task.v2.Task"
