@@ -3,7 +3,7 @@
 A driver (``hypervisor.qemu``, ``hypervisor.clh``) implements the small core protocol
 :class:`Hypervisor`; what only some VMMs can do is a separate capability protocol the sandbox asks
 for with ``isinstance`` (:class:`PauseResume`, :class:`DeviceHotplug`, :class:`MemoryControl`,
-:class:`Snapshot`, :class:`VmmMetrics`). Everything here is VMM-neutral: no QMP, no REST. A
+:class:`Snapshot`, :class:`VmmMetrics`, :class:`GuestConsole`). Everything here is VMM-neutral: no QMP, no REST. A
 driver's own ``[hypervisor.<name>]`` options travel in :attr:`VmConfig.options` as the driver's
 dataclass; drivers are found by name in :mod:`hypervisor.registry`.
 
@@ -273,6 +273,12 @@ class Snapshot(Protocol):
     async def save(self, directory: str) -> None:
         """Pause and write the VM's device state (and memory, where the VMM owns it) under
         ``directory``; the VM stays paused."""
+
+
+@runtime_checkable
+class GuestConsole(Protocol):
+    def console_tail(self, limit: int = 4096) -> str:
+        """The last ``limit`` bytes of the guest's serial console (for error reports)."""
 
 
 @runtime_checkable

@@ -206,6 +206,9 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
         if not status.get("running"):
             raise HypervisorError(f"VM not running after start: {status.get('status')}")
 
+    def console_tail(self, limit: int = 4096) -> str:
+        return _tail(self._paths.console_log, limit) if self._paths is not None else ""
+
     def _failure_detail(self) -> str:
         if self._paths is None:
             return ""

@@ -124,7 +124,12 @@ class ContainerOps:
                 return share.share_path(src, name, ro)
 
             guest_spec = await asyncio.to_thread(oci_guest.to_guest, spec, opts.id, guest_root, share_file)
-            await agent.create_container(opts.id, guest_spec)
+            try:
+                await agent.create_container(opts.id, guest_spec)
+            except KataColoError as exc:
+                log.warning("container %s: CreateContainer failed: %s; guest console (tail):\n%s",
+                            opts.id, exc, self.sandbox.console_tail())
+                raise
         except BaseException:
             await asyncio.to_thread(self._unshare, share, container)
             raise

@@ -23,7 +23,7 @@ from typing import Any
 from agent_api.client.facade import GuestAgent
 from common.errors import FailedPrecondition, KataColoError
 from hypervisor import registry
-from hypervisor.base import AgentAddress, Hypervisor, apply_patches
+from hypervisor.base import AgentAddress, GuestConsole, Hypervisor, apply_patches
 from shim import config as cfgmod
 from shim import resources
 from shim.backend import BackendContext, CreateOpts
@@ -180,6 +180,10 @@ class Sandbox:
 
     def vmm_pid(self) -> int | None:
         return self.hv.vmm_pid() if self.hv is not None else None
+
+    def console_tail(self, limit: int = 4096) -> str:
+        """The guest console's last bytes ("" when the driver keeps no console log)."""
+        return self.hv.console_tail(limit) if isinstance(self.hv, GuestConsole) else ""
 
     def require_agent(self) -> GuestAgent:
         if self.agent is None or self.vm_gone.is_set() or self.state is not State.RUNNING:
