@@ -17,12 +17,13 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent_api.client.facade import GuestAgent
 from common.errors import FailedPrecondition, KataColoError
-from hypervisor import registry
+from hypervisor import host, registry
 from hypervisor.base import AgentAddress, GuestConsole, Hypervisor, apply_patches
 from shim import config as cfgmod
 from shim import resources
@@ -119,9 +120,17 @@ class Sandbox:
         wanted = resources.for_sandbox(rctx)
         patches = await self.resources.before_boot(wanted, rctx)
         vmcfg = apply_patches(vm_config(cfg, self.id, self.vm_dir), patches)
-        await hv.prepare(vmcfg)
-        self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})
-        await hv.start(timeout=cfg.hypervisor.boot_timeout)
+        cid: host.VsockCid | None = None
+        if vmcfg.agent_channel == "vsock":  # kata's FindContextID: a CID reserved on an fd the VMM gets
+            cid = await asyncio.to_thread(host.reserve_vsock_cid)
+            vmcfg = replace(vmcfg, vsock_cid=cid.cid, vsock_fd=cid.fd)
+        try:
+            await hv.prepare(vmcfg)
+            self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})
+            await hv.start(timeout=cfg.hypervisor.boot_timeout)
+        finally:
+            if cid is not None:
+                cid.close()  # the VMM holds its own copy (or failed)
         self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})  # now with the pid
         self.started_at = time.time()
         self.spawn(self._watch_vm(hv))
