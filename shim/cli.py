@@ -250,11 +250,16 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
 
 def _config_debug(config_path: str) -> bool:
     """``[runtime] enable_debug`` of the configuration this shim will use (False when it does
-    not load: the first Create reports why)."""
+    not read: the first Create validates the file and reports why). Only the TOML is read here,
+    on the daemon's start path."""
+    import tomllib
+
     from shim import config
 
     try:
-        return config.load(config_path or None).runtime.enable_debug
+        path = config.resolve_path(config_path or None)
+        raw = tomllib.loads(path.read_text()) if path is not None else {}
+        return raw.get("runtime", {}).get("enable_debug") is True
     except Exception:  # noqa: BLE001 - reported by Create, not here
         return False
 
