@@ -48,8 +48,8 @@ def is_admin(peer: Peer | None, admin_gid: int, proc: str = "/proc") -> bool:
 
 def request_peer(request: web.Request) -> Peer | None:
     transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if not isinstance(sock, socket.socket):
+    sock = transport.get_extra_info("socket") if transport is not None else None  # asyncio TransportSocket
+    if sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
         return None
     return peer_credentials(sock)
 

@@ -76,7 +76,7 @@ class MgmtServer:
         try:
             sock = bind_listening(self.path)
             auth.open_access(self.path, self.admin_gid)
-            site = web.SockSite(runner, sock, shutdown_timeout=SHUTDOWN_TIMEOUT)
+            site = web.SockSite(runner, sock)
             await site.start()
         except BaseException:
             await runner.cleanup()
