@@ -52,8 +52,12 @@ def sanitize(text: str, errors: Counter[str]) -> list[Family]:
         return []
     out: list[Family] = []
     samples = 0
+    truncated = False
     try:
         for fam in text_string_to_metric_families(text):
+            if samples >= MAX_SAMPLES:
+                truncated = True
+                break
             if not fam.name.startswith(PREFIXES) or not NAME_RE.fullmatch(fam.name):
                 errors["foreign_family"] += 1
                 continue
@@ -61,7 +65,7 @@ def sanitize(text: str, errors: Counter[str]) -> list[Family]:
                 "counter", "gauge", "histogram", "summary") else "untyped")
             for s in fam.samples:
                 if samples >= MAX_SAMPLES:
-                    errors["too_many_samples"] += 1
+                    truncated = True
                     break
                 if not s.name.startswith(fam.name) or not NAME_RE.fullmatch(s.name):
                     errors["bad_sample"] += 1
@@ -83,6 +87,8 @@ def sanitize(text: str, errors: Counter[str]) -> list[Family]:
         errors["parse"] += 1
         log.debug("guest metrics do not parse: %s", exc)
         return []
+    if truncated:
+        errors["too_many_samples"] += 1
     return out
 
 
