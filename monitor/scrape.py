@@ -34,6 +34,20 @@ def _rename(name: str) -> str:
     return name
 
 
+def _is_value(text: str) -> bool:
+    """`` VALUE [TIMESTAMP]`` after a sample's name and labels."""
+    parts = text.split()
+    if not 1 <= len(parts) <= 2:
+        return False
+    try:
+        float(parts[0])
+        if len(parts) == 2:
+            int(parts[1])
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class MergedFamily:
     help: str = ""
@@ -76,9 +90,16 @@ class Merged:
                 fam_name = name
                 fam = self.families.setdefault(name, MergedFamily())
             if m.group(2) == "{":
+                close = rest.rfind("}")
+                if close < 0 or not _is_value(rest[close + 1:]):
+                    self.bad_lines += 1
+                    continue
                 sep = "" if rest.startswith("}") else ","
                 fam.samples.append(f"{name}{{{labels}{sep}{rest}")
             else:
+                if not _is_value(rest):
+                    self.bad_lines += 1
+                    continue
                 fam.samples.append(f"{name}{{{labels}}} {rest}")
             added += 1
         return added

@@ -110,7 +110,7 @@ class ShimClient:
         except TimeoutError:
             raise DeadlineExceeded(f"sandbox {self.sandbox_id}: no answer within "
                                    f"{timeout or self.timeout:.0f}s") from None
-        except (aiohttp.ClientConnectionError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"sandbox {self.sandbox_id}: its shim does not answer on {self.path} "
                               f"(dead?): {exc}") from None
 

@@ -57,7 +57,8 @@ class MemDriver(CgroupDriver):
     def create(self, rel: str, threaded: bool = False) -> bool:
         if rel in self.groups:
             return False
-        self.groups[rel] = {"cpuset.cpus": "0-1", "cpu.stat": "nr_periods 10\nnr_throttled 4\nthrottled_time 2500000000"}
+        self.groups[rel] = {"cpuset.cpus": "0-1",
+                            "cpu.stat": "nr_periods 10\nnr_throttled 4\nthrottled_time 2500000000"}
         return True
 
     def set_knobs(self, rel: str, knobs: CpuKnobs) -> None:
