@@ -51,7 +51,7 @@ TIMEOUTS: dict[str, float | None] = {
     "Check": 5.0, "Version": 5.0,
     # kata-colo extension
     "SetVcpuPriorities": 30.0,
-    "Exec": None,  # debug_exec: the command's own timeout + EXEC_GRACE
+    "Exec": 35.0,  # debug_exec passes the command's own timeout + EXEC_GRACE
 }
 EXEC_GRACE = 5.0
 

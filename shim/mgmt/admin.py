@@ -27,7 +27,6 @@ from typing import Any
 
 from aiohttp import web
 
-from agent_api.client.convert import agent_url
 from common.errors import (
     Code,
     ConfigError,
@@ -153,6 +152,8 @@ class Admin:
         sb = self._sandbox()
         if sb.hv is None:
             raise FailedPrecondition(f"sandbox {self.sandbox_id} VM is {sb.state.value}")
+        from agent_api.client.convert import agent_url
+
         return web.Response(text=agent_url(sb.hv.agent_address()))
 
     async def get_sandbox(self, request: web.Request) -> web.StreamResponse:

@@ -26,8 +26,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from common.errors import KataColoError, NotFound, Unimplemented
 from common.prom_text import LABEL_RE, NAME_RE, Family, render
 
@@ -50,6 +48,8 @@ def sanitize(text: str, errors: Counter[str]) -> list[Family]:
     if len(text) > MAX_TEXT:
         errors["too_large"] += 1
         return []
+    from prometheus_client.parser import text_string_to_metric_families  # only shims with a guest need it
+
     out: list[Family] = []
     samples = 0
     truncated = False

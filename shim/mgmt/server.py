@@ -18,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from agent_api.client.rpc import AgentClient
 from shim.mgmt import auth
 from shim.mgmt.admin import Admin, application
 from shim.mgmt.metrics import Histogram, ShimMetrics
@@ -84,12 +83,18 @@ class MgmtServer:
                 os.unlink(self.path)
             raise
         self._runner = runner
-        AgentClient.call_observer = self.metrics.observe_agent_rpc
+        if self.metrics.sandbox is not None:  # agent RPC latencies (a backend without a VM has no agent)
+            from agent_api.client.rpc import AgentClient
+
+            AgentClient.call_observer = self.metrics.observe_agent_rpc
         log.info("management socket %s", self.path)
 
     async def close(self) -> None:
-        if AgentClient.call_observer == self.metrics.observe_agent_rpc:
-            AgentClient.call_observer = None
+        if self.metrics.sandbox is not None:
+            from agent_api.client.rpc import AgentClient
+
+            if AgentClient.call_observer == self.metrics.observe_agent_rpc:
+                AgentClient.call_observer = None
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

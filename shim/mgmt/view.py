@@ -20,7 +20,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from agent_api.client.convert import agent_url
 from common.errors import KataColoError
 from hypervisor.base import MemoryControl
 from shim.mgmt import colo
@@ -108,6 +107,8 @@ async def sandbox_document(sandbox_id: str, sandbox: Any | None, table: Any, vcp
     started = float(getattr(sandbox, "started_at", 0.0) or 0.0)
     hv = sandbox.hv
     url = None
+    from agent_api.client.convert import agent_url
+
     if hv is not None:
         try:
             url = agent_url(hv.agent_address())
