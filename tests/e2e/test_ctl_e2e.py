@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def colo_config():
         os.environ.pop(cfgmod.ENV_PATH, None)
     else:
         os.environ[cfgmod.ENV_PATH] = old
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
