@@ -65,7 +65,6 @@ TIMEOUTS: dict[str, float] = {
     "vmm.shutdown": STOP_TIMEOUT,
     "vm.info": API_TIMEOUT,
     "vm.counters": API_TIMEOUT,
-    "vm.balloon-stats": API_TIMEOUT,
     "vm.create": CREATE_BOOT_TIMEOUT,
     "vm.boot": CREATE_BOOT_TIMEOUT,
     "vm.pause": HOTPLUG_TIMEOUT,    # kata never pauses a CH VM; ours
@@ -80,7 +79,7 @@ TIMEOUTS: dict[str, float] = {
     "vm.snapshot": SNAPSHOT_TIMEOUT,
     "vm.restore": SNAPSHOT_TIMEOUT,
 }
-GET_ENDPOINTS = frozenset({"vmm.ping", "vm.info", "vm.counters", "vm.balloon-stats"})
+GET_ENDPOINTS = frozenset({"vmm.ping", "vm.info", "vm.counters"})
 
 
 class ClhBadRequest(InvalidArgument):
@@ -245,9 +244,6 @@ class ClhApi:
 
     async def counters(self) -> dict[str, Any]:
         return _object(await self.call("vm.counters"), "vm.counters")
-
-    async def balloon_stats(self) -> dict[str, Any]:
-        return _object(await self.call("vm.balloon-stats"), "vm.balloon-stats")
 
     async def create(self, vm_config: dict[str, Any], timeout: float | None = None) -> None:
         await self.call("vm.create", vm_config, timeout=timeout)

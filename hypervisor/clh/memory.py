@@ -9,7 +9,7 @@ shrinks while the guest runs) or ``virtio-mem`` (2 MiB blocks, both ways) — an
 amount the balloon REMOVES from the guest — the opposite of QEMU's ``balloon`` target — so
 :meth:`MemoryMixin.balloon` turns the target usable size into ``total − target``. Sizes are read
 back from ``vm.info`` (``config.memory`` as CH updates it on resize, ``memory_actual_size`` =
-usable RAM); balloon statistics come from ``vm.balloon-stats`` under QEMU's key names.
+usable RAM). The API has no balloon statistics (openapi 0.3.0), so ``BalloonInfo.stats`` is empty.
 """
 from __future__ import annotations
 
@@ -19,18 +19,10 @@ from typing import Any, TypeVar
 from common.errors import FailedPrecondition, HypervisorError, InvalidArgument
 from hypervisor.base import BalloonInfo, MemoryInfo, VmConfig
 from hypervisor.clh import vmconfig
-from hypervisor.clh.api import ClhApi, ClhBadRequest, ClhNotFound, ClhServerError
+from hypervisor.clh.api import ClhApi
 
 T = TypeVar("T")
 MIB = 1 << 20
-#: CH's BalloonStats keys → the virtio-balloon names QEMU reports (BalloonInfo.stats vocabulary).
-STAT_NAMES = {
-    "swap_in": "stat-swap-in", "swap_out": "stat-swap-out", "major_faults": "stat-major-faults",
-    "minor_faults": "stat-minor-faults", "free_memory": "stat-free-memory",
-    "total_memory": "stat-total-memory", "available_memory": "stat-available-memory",
-    "disk_caches": "stat-disk-caches", "hugetlb_allocations": "stat-htlb-pgalloc",
-    "hugetlb_failures": "stat-htlb-pgfail",
-}
 
 
 def _int(obj: Any, key: str, default: int = 0) -> int:
@@ -121,15 +113,4 @@ class MemoryMixin:
         self._require_balloon()
         info = await self._call("vm.info", self.api.info())
         actual = _int(info, "memory_actual_size")
-        stats: dict[str, int] = {}
-        try:
-            raw = await self._call("vm.balloon-stats", self.api.balloon_stats())
-        except (ClhNotFound, ClhBadRequest, ClhServerError):
-            raw = {}  # older CH without the endpoint, or the guest did not negotiate statistics
-        values = raw.get("stats")
-        if isinstance(values, dict):
-            for key, name in STAT_NAMES.items():
-                value = values.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    stats[name] = value
-        return BalloonInfo(actual_bytes=actual, stats=stats)
+        return BalloonInfo(actual_bytes=actual)
