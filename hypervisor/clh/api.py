@@ -218,6 +218,9 @@ class ClhApi:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if not status:
+                    raise ConnectionClosed(f"cloud-hypervisor closed the API connection without answering "
+                                           f"{target}") from None
                 raise ConnectionClosed(f"cloud-hypervisor API answer to {target} broken off: {exc}") from None
             if event is h11.NEED_DATA:
                 conn.receive_data(await loop.sock_recv(sock, 65536))

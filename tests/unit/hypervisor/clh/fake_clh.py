@@ -21,8 +21,8 @@ recovery are real. It accepts only CH's own flags (``--api-socket path=...``, ``
 Every request is appended to the JSON-lines journal ``$FAKE_CLH_JOURNAL`` with the fds' kinds,
 the status and any protocol violation. ``$FAKE_CLH_SCRIPT`` (a JSON file ``{endpoint: [action,
 ...]}``) injects failures, consumed one per call: ``{"status": N, "message": "..."}`` answers
-that error, ``"drop"`` closes the connection unanswered, ``"exit"`` kills the process
-mid-call, ``{"delay": s}`` answers late.
+that error, ``"drop"`` closes the connection unanswered, ``"truncate"`` sends half an answer,
+``"exit"`` kills the process mid-call, ``{"delay": s}`` answers late.
 """
 from __future__ import annotations
 
@@ -479,6 +479,10 @@ class Server:
         except ConnectionAbortedError:
             self.journal.write({**entry, "status": "dropped"})
             return False
+        except BrokenPipeError:  # "truncate": half an answer, then the connection closes
+            self.journal.write({**entry, "status": "truncated"})
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\"")
+            return False
         finally:
             self.busy.release()
         entry["status"] = status
@@ -535,6 +539,8 @@ class Server:
         entry["action"] = action
         if action == "drop":
             raise ConnectionAbortedError
+        if action == "truncate":
+            raise BrokenPipeError
         if action == "exit":
             self.journal.write({**entry, "status": "exit"})
             os._exit(7)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_CLH, FakeVmm, make_cfg, tap_available
+from clh_testlib import FAKE_CLH, FakeVmm, make_cfg, tap_available
 
 from agent_api.client.transport import connect_hvsock
 from common.errors import FailedPrecondition, HypervisorError, InvalidArgument, NotFound
