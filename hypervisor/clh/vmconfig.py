@@ -132,7 +132,8 @@ def validate(cfg: VmConfig) -> None:
     if not cfg.state_dir or not os.path.isabs(cfg.state_dir):
         raise InvalidArgument(f"state_dir must be an absolute path, not {cfg.state_dir!r}")
     paths = ClhPaths(cfg.state_dir)
-    if len(os.fsencode(paths.api_socket)) > _UNIX_PATH_MAX:
+    # the longest socket: CH's guest-initiated hybrid vsock connections land on <clh.sock>_<port>
+    if len(os.fsencode(f"{paths.vsock_socket}_{0xFFFFFFFF}")) > _UNIX_PATH_MAX:
         raise InvalidArgument(f"state_dir too long for unix sockets: {cfg.state_dir!r}")
     if not cfg.kernel:
         raise InvalidArgument("no guest kernel configured")

@@ -45,7 +45,8 @@ import jsonschema
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_PATH = os.path.join(HERE, "schema", "cloud-hypervisor-api-0.3.0.json")
-SCHEMA = json.load(open(SCHEMA_PATH, encoding="utf-8"))
+with open(SCHEMA_PATH, encoding="utf-8") as _f:
+    SCHEMA = json.load(_f)
 PATHS: dict[str, Any] = SCHEMA["x-paths"]
 #: what CH's HTTP layer (vmm/src/api/http/mod.rs HttpError::status_code) can answer on any
 #: endpoint beyond the ones the openapi documents: bad body/config 400, VM or device unknown 404,

@@ -232,6 +232,7 @@ async def test_missing_binary_fails_at_prepare_and_leaves_nothing(tmp_path: Path
     (dict(vfio=(VfioDevice("v0", "3b:00.0"),)), "bad PCI address"),
     (dict(vcpus=1, max_vcpus=1, nics=(NetDevice("n0", "02:00:00:00:00:01", (10, 11)),)), "exceed the 1 vCPUs"),
     (dict(state_dir="relative"), "absolute"),
+    (dict(state_dir="/run/" + "x" * 90), "too long for unix sockets"),
     (dict(options=object()), "options of another driver"),
 ])
 async def test_bad_config_is_refused_before_anything_exists(tmp_path: Path, change, fragment):
