@@ -427,8 +427,10 @@ class Server:
         self.script = Script(os.environ.get("FAKE_CLH_SCRIPT"))
         self.busy = threading.Lock()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(api_socket)
+        # bound and listening before the path appears: a client that sees it can connect
+        self.sock.bind(api_socket + ".tmp")
         self.sock.listen(16)
+        os.rename(api_socket + ".tmp", api_socket)
 
     def run(self) -> None:
         while True:
