@@ -60,6 +60,22 @@ def _cmdline(pid: int) -> list[bytes]:
         return []
 
 
+def _alive(pid: int) -> bool:
+    """Any thread of ``pid`` not yet dead (a zombie leader's threads may still be exiting)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
 class FakeHypervisor:
     name: ClassVar[str] = "fake"
     REGISTRY_TARGET: ClassVar[str] = "tests.fakes.hypervisor:FakeHypervisor"
@@ -217,6 +233,12 @@ class FakeHypervisor:
         if pid > 0 and os.fsencode(VMM_TAG) in _cmdline(pid) and os.fsencode(state_dir) in _cmdline(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            # like QEMU's recover: return once it is dead (its threads out of every cgroup)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while _alive(pid):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise HypervisorError(f"leftover fake VMM pid {pid} did not die")
+                await asyncio.sleep(0.01)
         if state_dir and os.path.exists(os.path.join(state_dir, MARKER)):
             shutil.rmtree(state_dir, ignore_errors=True)
 

@@ -5,7 +5,8 @@ made and what was released, without root.
 * :func:`resource_class` builds a class per kind with its own behaviour: ``fail`` maps a phase
   (``for_sandbox``, ``before_boot``, ``after_boot``, ``teardown``, ``recover``) to the exception
   raised there; ``hooks`` maps a phase to a callable run first (given the instance, or the record
-  for ``recover``) — e.g. to read the journal at the moment the resource acts. The class keeps
+  for ``recover``; async phases await what it returns) — e.g. to read the journal at the moment
+  the resource acts. The class keeps
   its ``instances``, the ``events`` of all of them (``(kind, phase)``, in order, shared with
   every class made by the same :class:`Recorder`) and the records it ``recovered``.
 * ``before_boot`` makes the file and returns a VmPatch with one kernel parameter
@@ -18,6 +19,7 @@ Install with ``monkeypatch.setattr(shim.resources, "SANDBOX_RESOURCES", (A, B, .
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,14 +55,28 @@ class FakeResource:
         type(self).instances.append(self)
 
     @classmethod
-    def _phase(cls, phase: str, arg: Any) -> None:
+    def _phase(cls, phase: str, arg: Any) -> Any:
+        """Record, run the hook (its result is returned: an awaitable for async phases), and
+        raise the injected failure only after an async hook ran (see :meth:`_aphase`)."""
         cls.recorder.events.append((cls.kind, phase))
         hook = cls.hooks.get(phase)
-        if hook is not None:
-            hook(arg)
+        result = hook(arg) if hook is not None else None
+        if not inspect.isawaitable(result):
+            cls._raise(phase)
+        return result
+
+    @classmethod
+    def _raise(cls, phase: str) -> None:
         exc = cls.fail.get(phase)
         if exc is not None:
             raise exc
+
+    @classmethod
+    async def _aphase(cls, phase: str, arg: Any) -> None:
+        result = cls._phase(phase, arg)
+        if inspect.isawaitable(result):
+            await result
+            cls._raise(phase)
 
     @classmethod
     def for_sandbox(cls, ctx: ResourceContext) -> FakeResource | None:
@@ -72,22 +88,22 @@ class FakeResource:
 
     async def before_boot(self, ctx: ResourceContext) -> VmPatch | None:
         self.ctx_seen.append(ctx)
-        self._phase("before_boot", self)
+        await self._aphase("before_boot", self)
         self.path.write_text(self.kind)
         return VmPatch(kernel_params=(f"fake.{self.kind}=1",))
 
     async def after_boot(self, ctx: ResourceContext) -> None:
         self.ctx_seen.append(ctx)
-        self._phase("after_boot", self)
+        await self._aphase("after_boot", self)
 
     async def teardown(self) -> None:
-        self._phase("teardown", self)
+        await self._aphase("teardown", self)
         self.path.unlink(missing_ok=True)
 
     @classmethod
     async def recover(cls, record: dict[str, Any]) -> None:
         cls.recovered.append(dict(record))
-        cls._phase("recover", record)
+        await cls._aphase("recover", record)
         path = str(record.get("path") or "")
         if path:
             Path(path).unlink(missing_ok=True)
