@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,10 @@ class Containers:
                     json.dump(config, f)
                 stdio = StdioSetup(bool(config["process"].get("terminal")))
                 pid_file = os.path.join(bundle, "init.pid")
+                # both ends of runc create are logged: when the host's CreateContainer times
+                # out, the console tail it logs shows whether runc ran and where it stopped
+                log.info("creating container %s: runc create", cid)
+                started = time.monotonic()
                 await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
                                                  console_socket=stdio.console_path))
                 pid = _read_pid(pid_file)
@@ -125,7 +130,7 @@ class Containers:
                 raise
             container = Container(cid, bundle, Cgroup(config["linux"]["cgroupsPath"]), proc)
             self._containers[cid] = container
-            log.info("created container %s (init pid %d)", cid, pid)
+            log.info("created container %s (init pid %d) in %.1fs", cid, pid, time.monotonic() - started)
             return container
 
     @staticmethod
