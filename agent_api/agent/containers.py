@@ -116,8 +116,14 @@ class Containers:
                 # out, the console tail it logs shows whether runc ran and where it stopped
                 log.info("creating container %s: runc create", cid)
                 started = time.monotonic()
-                await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
-                                                 console_socket=stdio.console_path))
+                try:
+                    await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
+                                                     console_socket=stdio.console_path))
+                except DeadlineExceeded as exc:  # a hung runc (seen once under TCG): once more
+                    log.warning("container %s: %s; retrying runc create once", cid, exc)
+                    await self._force_delete(cid)
+                    await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
+                                                     console_socket=stdio.console_path))
                 pid = _read_pid(pid_file)
                 proc = Process(cid, "", pid, self.reaper.watch(pid))
                 stdio.attach(proc)
