@@ -101,10 +101,14 @@ def _secondary_bus(dev_dir: str) -> str:
 
 
 def _block_below(dev_dir: str) -> str | None:
-    """A whole-disk block device below a PCI device dir (virtio-blk or NVMe namespace)."""
+    """A whole-disk block device below a PCI device dir: virtio-blk ``virtioN/block/vda``,
+    NVMe ``nvme/nvme0/nvme0n1`` (any dir whose ``subsystem`` is ``block`` and that is not a
+    partition)."""
     for dirpath, dirnames, _ in os.walk(dev_dir):
-        if os.path.basename(dirpath) == "block":
-            for name in sorted(dirnames):
+        for name in sorted(dirnames):
+            d = os.path.join(dirpath, name)
+            if (os.path.basename(os.path.realpath(os.path.join(d, "subsystem"))) == "block"
+                    and not os.path.exists(os.path.join(d, "partition"))):
                 return name
         if dirpath.count("/") - dev_dir.count("/") > 4:
             dirnames[:] = []

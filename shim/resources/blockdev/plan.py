@@ -69,11 +69,12 @@ def rootfs_source(cfg: Any, rootfs: Any, cold: bool, hotplug: tuple[str, ...]) -
 
 
 async def make_plan(cfg: Any, sandbox_id: str, container_id: str, rootfs: Any, spec: dict[str, Any], *,
-                    cold: bool, hotplug: tuple[str, ...], cache: LayerCache) -> Plan:
-    """The container's plan; leases taken here are released when planning fails."""
+                    cold: bool, hotplug: tuple[str, ...], cache: LayerCache, block_reason: str = "") -> Plan:
+    """The container's plan; leases taken here are released when planning fails.
+    ``block_reason`` forces the 9p rootfs (why the block rootfs could not be used)."""
     st = cfg.storage
     reqs = requests.parse(spec, direct_volumes_dir=st.direct_volumes_dir, cdi_spec_dirs=st.cdi_spec_dirs)
-    src = rootfs_source(cfg, rootfs, cold, hotplug)
+    src = layers.Unsupported(block_reason) if block_reason else rootfs_source(cfg, rootfs, cold, hotplug)
     h = _hash(container_id)
     res = ContainerStorage(sandbox_id, container_id, scratch_bytes=st.scratch_disk_mib << 20,
                            image_format=st.layer_image_format, claims_dir=st.claims_dir,
@@ -136,8 +137,10 @@ def _plan_vfio(cfg: Any, res: ContainerStorage, reqs: requests.ContainerRequests
             k += 1
 
 
-def _source(dev: BlockDevice, pci_path: str = "") -> str:
-    return pci_path or f"{gs.SERIAL_PREFIX}{dev.serial or dev.id}"
+def _source(dev: BlockDevice) -> str:
+    """Disks the host emulates are found by the serial it gave them (PCI paths are for
+    passed-through functions, whose serial is the hardware's)."""
+    return f"{gs.SERIAL_PREFIX}{dev.serial or dev.id}"
 
 
 @dataclass
@@ -186,12 +189,12 @@ def guest_view(plan: Plan, container_id: str) -> GuestView:
             mp = gs.volume_dir(d.dev.id)
             options = [o for o in req.options if o not in ("ro", "rw")] + (["ro"] if req.readonly else [])
             view.storages.append({"driver": gs.storage_driver_for(d.dev.driver),
-                                  "source": _source(d.dev, d.guest_pci_path), "fstype": req.fstype,
+                                  "source": _source(d.dev), "fstype": req.fstype,
                                   "options": options, "mount_point": mp})
             view.volumes[req.destination] = (mp, req.readonly)
         else:
             view.devices.append({"id": d.dev.id, "type": "nvme" if d.dev.driver == "nvme" else "blk",
-                                 "vm_path": _source(d.dev, d.guest_pci_path), "container_path": req.destination})
+                                 "vm_path": _source(d.dev), "container_path": req.destination})
             keep.append(req.destination)
     nvme_mounts = list(plan.requests.nvme_mounts)
     for f in sorted(res.vfio, key=lambda f: f.dev.host):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import ResourceExhausted
 from hypervisor.base import DeviceHotplug
 from shim import config as cfgmod
 from shim import resources
@@ -103,7 +104,18 @@ class StorageProvider:
                                             hotplug=hotplug, cache=self._cache(cfg))
             self._log_plan(opts.id, plan)
             if plan.resource is not None:
-                await self.sandbox.resources.attach(plan.resource, self._context(cfg, spec), key)
+                try:
+                    await self.sandbox.resources.attach(plan.resource, self._context(cfg, spec), key)
+                except ResourceExhausted as exc:
+                    if plan.rootfs_mode != "block":
+                        raise
+                    # out of root ports: the rootfs goes on the share, its data disks still get theirs
+                    plan = await plan_mod.make_plan(cfg, self.sandbox.id, opts.id, opts.rootfs, spec, cold=False,
+                                                    hotplug=hotplug, cache=self._cache(cfg),
+                                                    block_reason=f"block rootfs hot-plug failed: {exc}")
+                    self._log_plan(opts.id, plan)
+                    if plan.resource is not None:
+                        await self.sandbox.resources.attach(plan.resource, self._context(cfg, spec), key)
             self._plans[opts.id] = plan
         try:
             view = plan_mod.guest_view(plan, opts.id)
