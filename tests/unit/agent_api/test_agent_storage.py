@@ -22,7 +22,8 @@ def _rootfs():
             st(driver="scsi", source="serial:ks01", fstype="ext4", mount_point=f"{BASE}/scratch"),
             st(driver="overlayfs", source="overlay", fstype="overlay", mount_point=f"{BASE}/rootfs",
                options=[f"lowerdir={BASE}/lower/0", f"upperdir={BASE}/scratch/upper", f"workdir={BASE}/scratch/work"]),
-            st(driver="nvme", source="02/00", fstype="ext4", options=["noatime"], mount_point=f"{gs.GUEST_VOLUME_DIR}/kv1")]
+            st(driver="nvme", source="02/00", fstype="ext4", options=["noatime"],
+               mount_point=f"{gs.GUEST_VOLUME_DIR}/kv1")]
 
 
 def test_a_block_rootfs_plan_is_accepted():
