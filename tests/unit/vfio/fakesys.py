@@ -44,8 +44,14 @@ class FakePci:
             (ddir / f).touch()
         link = self._dev(bdf) / "driver"
         if link.is_symlink():
-            link.unlink()
+            self._unbind(bdf)
         os.symlink(ddir, link)
+        os.symlink(self._dev(bdf), ddir / bdf)
+
+    def _unbind(self, bdf: str) -> None:
+        link = self._dev(bdf) / "driver"
+        (Path(os.readlink(link)) / bdf).unlink()
+        link.unlink()
 
     def driver(self, bdf: str) -> str:
         link = self._dev(bdf) / "driver"
@@ -59,8 +65,7 @@ class FakePci:
         if rel.endswith("/driver_override"):
             (self.root / rel).write_text(value)
         elif rel.endswith("/driver/unbind"):
-            link = self._dev(value) / "driver"
-            link.unlink()
+            self._unbind(value)
         elif rel == "sys/bus/pci/drivers_probe":
             override = (self._dev(value) / "driver_override").read_text().strip()
             if override and override != "(null)":
