@@ -16,8 +16,10 @@ from shim.resources.manager import RecoverFn, Resource, ResourceContext, Resourc
 from shim.resources.network.resource import NetworkResource
 from shim.resources.qos.resource import QosResource
 from shim.resources.sharefs import ShareFsResource
+from shim.resources.vfio.physical import PhysicalNicResource
 
-SANDBOX_RESOURCES: tuple[Any, ...] = (ShareFsResource, NetworkResource, QosResource, ContainerStorage)
+SANDBOX_RESOURCES: tuple[Any, ...] = (ShareFsResource, NetworkResource, PhysicalNicResource, QosResource,
+                                      ContainerStorage)
 
 _OFFERS: dict[str, list[Resource]] = {}
 

@@ -1,0 +1,119 @@
+"""Container file I/O: write and read throughput of a file in the container's rootfs on the 9p
+share vs on the block rootfs (erofs layers + ext4 scratch disk, overlay in the guest) vs the host
+disk (the same dd on the host, same directory tree), and on an emulated NVMe data disk (a kata
+direct volume: an ext4 image file on the host disk). Goal: block rootfs ≥ 3× 9p for writes.
+
+Each VM mode is one ``ctr run`` (QEMU/TCG) running ``dd`` twice: write ``KC_BENCH_MIB`` MiB with
+``conv=fsync`` (to the disk, not the page cache), then read it back with ``iflag=direct`` (when the
+filesystem refuses O_DIRECT — 9p — the read is a cached read and says so). Also printed: the layer
+cache's build time for the image vs a cache hit (the time a second container saves).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = int(os.environ.get("KC_BENCH_MIB", "64"))
+IMAGES = Path(os.environ.get("KATA_COLO_IMAGE_DIR", "/var/lib/kata-colo/images")) / "current"
+RUNTIME = "io.containerd.kata-colo.v2"
+IMAGE = "docker.io/library/busybox:kata-colo"
+_COPIED = re.compile(r"copied, ([0-9.]+) s")
+
+
+def _script(path: str) -> str:
+    f = f"{path}/kc-bench.dat"
+    return (f"dd if=/dev/zero of={f} bs=1M count={MIB} conv=fsync 2>&1 | tail -1; "
+            f"if dd if={f} of=/dev/null bs=1M iflag=direct 2>/tmp/e; then tail -1 /tmp/e; echo direct; "
+            f"else dd if={f} of=/dev/null bs=1M 2>&1 | tail -1; echo cached; fi; rm -f {f}")
+
+
+def _rates(out: str) -> tuple[float, float, str]:
+    secs = [float(s) for s in _COPIED.findall(out)]
+    if len(secs) < 2:
+        raise RuntimeError(f"unexpected dd output:\n{out}")
+    kind = "direct" if "direct" in out.split() else "cached"
+    return MIB / secs[0], MIB / secs[1], kind
+
+
+def _config(d: Path, block: bool) -> Path:
+    p = d / f"config-{'block' if block else '9p'}.toml"
+    p.write_text(f"""
+[hypervisor.qemu]
+kernel = "{IMAGES / 'vmlinux'}"
+initrd = "{IMAGES / 'initramfs.cpio'}"
+disable_block_device_use = {str(not block).lower()}
+[storage]
+layer_cache_dir = "{d / 'layers'}"
+scratch_dir = "{d / 'scratch'}"
+direct_volumes_dir = "{d / 'dv'}"
+claims_dir = "{d / 'claims'}"
+""")
+    return p
+
+
+def main() -> None:
+    if os.geteuid() != 0 or shutil.which("containerd") is None or not (IMAGES / "manifest.json").exists():
+        print("bench_storage: needs root, containerd and a built guest image; skipped")
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+
+    d = Path(tempfile.mkdtemp(prefix="kc-bench-storage-", dir="/var/tmp"))
+    block_cfg, ninep_cfg = _config(d, True), _config(d, False)
+    shim_dir = product_shim_dir()
+    os.environ["KATA_COLO_CONFIG"] = str(block_cfg)
+    c = start_containerd([shim_dir])
+    try:
+        c.import_busybox()
+        img = d / "data.img"
+        subprocess.run(["truncate", "-s", f"{MIB * 3}M", str(img)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+        vol = d / "vol"
+        vol.mkdir()
+        info = d / "dv" / base64.urlsafe_b64encode(str(vol).encode()).decode()
+        info.mkdir(parents=True)
+        (info / "mountInfo.json").write_text(json.dumps({"device": str(img), "fstype": "ext4"}))
+
+        results: dict[str, tuple[float, float, str]] = {}
+        host_dir = d / "host"
+        host_dir.mkdir()
+        results["host disk"] = _rates(subprocess.run(["sh", "-c", _script(str(host_dir))], capture_output=True,
+                                                     text=True).stdout)
+        runs = [("9p rootfs", ["--runtime-config-path", str(ninep_cfg)], "/"),
+                ("block rootfs", [], "/"),
+                ("NVMe data disk", ["--mount", f"type=bind,src={vol},dst=/data,options=rbind:rw"], "/data")]
+        for i, (label, extra, path) in enumerate(runs):
+            t0 = time.monotonic()
+            res = c.ctr("run", "--rm", "--runtime", RUNTIME, *extra, IMAGE, f"kc-bench-st{i}", "sh", "-c",
+                        _script(path.rstrip("/") or "/tmp/.."), timeout=600)
+            results[label] = _rates(res.stdout.decode())
+            print(f"  {label}: ran in {time.monotonic() - t0:.1f}s", flush=True)
+        print(f"file of {MIB} MiB, dd bs=1M (write: conv=fsync; read: O_DIRECT where the fs allows it)")
+        print(f"{'where':<16} {'write MiB/s':>12} {'read MiB/s':>11}  read")
+        for label, (w, r, kind) in results.items():
+            print(f"{label:<16} {w:>12.1f} {r:>11.1f}  {kind}")
+        w9, wb = results["9p rootfs"][0], results["block rootfs"][0]
+        print(f"block rootfs / 9p rootfs write: {wb / w9:.2f}x (goal >= 3x); "
+              f"read: {results['block rootfs'][1] / results['9p rootfs'][1]:.2f}x")
+        print(f"block rootfs / host disk write: {wb / results['host disk'][0]:.2f}x; "
+              f"NVMe data disk / host disk write: {results['NVMe data disk'][0] / results['host disk'][0]:.2f}x")
+        for m in (json.loads(p.read_text()) for p in (d / "layers").glob("*.json")):
+            print(f"layer cache: image of {m['source']} ({m['size'] >> 10} KiB) built in {m['build_seconds']:.3f}s, "
+                  f"{m['hits']} hit(s) since")
+    finally:
+        stop_containerd(c)
+        shutil.rmtree(shim_dir, ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
