@@ -37,6 +37,8 @@ from shim.resources.vfio import sysfs
 log = logging.getLogger(__name__)
 
 UNPLUG_TIMEOUT = 20.0
+VFIO_BALLOON_NOTE = ("QEMU disables balloon inflation and free page reporting while a VFIO device is "
+                     "attached; memory elasticity must use virtio-mem")
 
 
 @runtime_checkable
@@ -127,6 +129,9 @@ class ContainerStorage:
         return VmPatch(disks=tuple(d.dev for d in self.disks), vfio=tuple(f.dev for f in self.vfio))
 
     def _prepare_vfio(self, ctx: ResourceContext) -> None:
+        if self.vfio:
+            log.warning("container %s: VFIO %s: %s", self.container_id, [f.dev.host for f in self.vfio],
+                        VFIO_BALLOON_NOTE)
         for f in self.vfio:
             fn = sysfs.pci_function(f.dev.host, self.host_paths)
             if fn.driver == sysfs.VFIO_DRIVER:

@@ -25,7 +25,7 @@ from common.errors import KataColoError
 from hypervisor.base import VfioDevice, VmPatch
 from hypervisor.host import HOST, HostPaths
 from shim.resources.blockdev import claims as claims_mod
-from shim.resources.blockdev.resource import PciPathLookup
+from shim.resources.blockdev.resource import VFIO_BALLOON_NOTE, PciPathLookup
 from shim.resources.manager import ResourceContext
 from shim.resources.network import pod as podnet
 from shim.resources.network.netns import run_in_netns
@@ -145,7 +145,8 @@ class PhysicalNicResource:
                 ctx.persist()
                 await asyncio.to_thread(sysfs.bind_vfio, nic.bdf, self.host_paths)
             devs.append(VfioDevice(f"kpn{i:02d}", nic.bdf))
-            log.info("sandbox %s: PCI NIC %s (%s) passed through", self.sandbox_id, nic.name, nic.bdf)
+            log.warning("sandbox %s: PCI NIC %s (%s) passed through: %s", self.sandbox_id, nic.name, nic.bdf,
+                        VFIO_BALLOON_NOTE)
         return VmPatch(vfio=tuple(devs))
 
     async def after_boot(self, ctx: ResourceContext) -> None:
