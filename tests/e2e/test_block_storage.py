@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -224,13 +225,15 @@ def _cri(c: Containerd, fn):
     return asyncio.run(go())
 
 
-async def _pod_with_disk(client: CriClient, env: Env, name: str, volume: Path, first: str) -> tuple[str, list[str]]:
+async def _pod_with_disk(client: CriClient, env: Env, name: str, volume: Path, first: str,
+                         made: list[str]) -> tuple[str, list[str]]:
     deadline = time.monotonic() + 20
     while await client.image_status(IMAGE) is None or await client.image_status(PAUSE_IMAGE) is None:
         assert time.monotonic() < deadline, "CRI does not see the images"
         await asyncio.sleep(0.2)
     config = pod_config(name, "kc-blk", uid=f"{name}-uid", log_directory=str(env.dir / "logs" / name))
     pod = await client.run_pod_sandbox(config, runtime_handler="kata-colo")
+    made.append(pod)  # removed by the test even when a later step fails
     ids = []
     for i, script in enumerate([first, "sleep 600"]):
         cfg = container_config(f"c{i}", IMAGE, command=["sh", "-c", script], log_path=f"c{i}.log",
@@ -251,10 +254,11 @@ def test_cri_hotplugged_block_rootfs_cache_reuse_and_nvme_restart(env):
     volume.mkdir()
     env.direct_volume(volume, image)
     before = _loops()
+    made: list[str] = []
     try:
         async def first(client: CriClient):
             pod, ids = await _pod_with_disk(client, env, "kc-blk-pod1", volume,
-                                            "echo from-pod1 > /data/marker && sync && sleep 600")
+                                            "echo from-pod1 > /data/marker && sync && sleep 600", made)
             rc, out, err = await client.exec_sync(ids[0], ["sh", "-c", "for i in $(seq 50); do "
                                                    "[ -s /data/marker ] && break; sleep 0.2; done; "
                                                    "grep -E ' / | /data ' /proc/mounts; cat /data/marker"], 60)
@@ -278,7 +282,7 @@ def test_cri_hotplugged_block_rootfs_cache_reuse_and_nvme_restart(env):
         assert_nothing_left(env, pod1, before)
 
         async def second(client: CriClient):
-            pod, ids = await _pod_with_disk(client, env, "kc-blk-pod2", volume, "sleep 600")
+            pod, ids = await _pod_with_disk(client, env, "kc-blk-pod2", volume, "sleep 600", made)
             rc, out, err = await client.exec_sync(ids[0], ["cat", "/data/marker"], 60)
             await client.stop_pod_sandbox(pod)
             await client.remove_pod_sandbox(pod)
@@ -290,4 +294,11 @@ def test_cri_hotplugged_block_rootfs_cache_reuse_and_nvme_restart(env):
         total = sum(p.stat().st_size for p in env.cache.glob("*.erofs"))
         assert total <= 64 << 20, total
     finally:
+        async def cleanup(client: CriClient) -> None:
+            for pod in made:
+                with contextlib.suppress(Exception):
+                    await client.stop_pod_sandbox(pod)
+                    await client.remove_pod_sandbox(pod)
+
+        _cri(c, cleanup)
         c.namespace = "default"
