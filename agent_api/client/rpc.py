@@ -169,9 +169,11 @@ class AgentClient:
     # -- containers -------------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: oci_pb2.Spec, *,
                                storages: Iterable[agent_pb2.Storage] = (),
+                               devices: Iterable[agent_pb2.Device] = (),
                                sandbox_pidns: bool = False) -> None:
         await self._agent("CreateContainer", agent_pb2.CreateContainerRequest(
-            container_id=container_id, OCI=spec, storages=list(storages), sandbox_pidns=sandbox_pidns))
+            container_id=container_id, OCI=spec, storages=list(storages), devices=list(devices),
+            sandbox_pidns=sandbox_pidns))
 
     async def start_container(self, container_id: str) -> None:
         await self._agent("StartContainer", agent_pb2.StartContainerRequest(container_id=container_id))

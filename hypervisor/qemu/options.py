@@ -9,6 +9,8 @@ from hypervisor.host import ACCELS
 
 MACHINES = ("q35", "pc")
 NINEP_SECURITY_MODELS = ("none", "mapped-xattr")
+#: kata's ``block_device_driver`` values QEMU serves here (the container rootfs disks).
+BLOCK_DEVICE_DRIVERS = ("virtio-blk", "virtio-scsi")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,9 @@ class QemuOptions:
     share is kept safe by 0700 directories and ``nosuid,nodev`` binds; ``mapped-xattr`` stores
     what the guest writes as plain 0600 files with the owner and mode in xattrs, but then host
     symlinks (every image's /bin) do not resolve in the guest, so it suits only shares that hold
-    no image content."""
+    no image content. ``block_device_driver`` (kata's key) is the controller of the block rootfs
+    disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
+    ``virtio-scsi`` (LUNs on one controller created at boot; hot-plug needs no port)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
 
@@ -34,6 +38,7 @@ class QemuOptions:
     disable_vhost_net: bool = False
     pcie_root_ports: int = 0
     ninep_security_model: str = "none"
+    block_device_driver: str = "virtio-blk"
 
     def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
         def check(ok: bool, message: str) -> None:
@@ -47,4 +52,6 @@ class QemuOptions:
         check(not self.pcie_root_ports or self.machine_type == "q35", "pcie_root_ports needs machine_type q35")
         check(self.ninep_security_model in NINEP_SECURITY_MODELS,
               f"ninep_security_model must be one of {NINEP_SECURITY_MODELS}")
+        check(self.block_device_driver in BLOCK_DEVICE_DRIVERS,
+              f"block_device_driver must be one of {BLOCK_DEVICE_DRIVERS}")
         return self
