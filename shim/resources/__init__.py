@@ -11,10 +11,12 @@ from typing import Any
 
 from shim.resources.manager import RecoverFn, Resource, ResourceContext, ResourceManager
 from shim.resources.network.resource import NetworkResource
+from shim.resources.podcgroup.resource import PodCgroupResource
 from shim.resources.qos.resource import QosResource
 from shim.resources.sharefs import ShareFsResource
 
-SANDBOX_RESOURCES: tuple[Any, ...] = (ShareFsResource, NetworkResource, QosResource)
+# PodCgroupResource first: the shim joins the sandbox cgroup before anything (the VMM) is spawned.
+SANDBOX_RESOURCES: tuple[Any, ...] = (PodCgroupResource, ShareFsResource, NetworkResource, QosResource)
 
 
 def for_sandbox(ctx: ResourceContext) -> list[Resource]:

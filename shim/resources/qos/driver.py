@@ -83,6 +83,14 @@ class CgroupDriver(ABC):
     def effective_cpus(self, rel: str) -> tuple[int, ...]:
         """Host CPUs threads in the group may run on."""
 
+    def supports_idle(self, rel: str) -> bool:
+        """Whether the kernel offers cpu.idle for the (non-root) group ``rel``."""
+        try:
+            self.read(rel, "cpu.idle")
+            return True
+        except ResourceError:
+            return False
+
     def remove_tree(self, rel: str, fallback: str) -> list[str]:
         """Remove ``rel`` and every group below it, deepest first, moving threads still inside
         to ``fallback``. Returns the removed paths. Idempotent."""
