@@ -63,7 +63,7 @@ class Actuator:
             old = parse_cpuset(old_text) if old_text else ()
             union = format_cpuset(tuple(set(old) | set(a.cpus)))
             for p in paths:            # widen, parents first
-                changed += self._write_cpus(p, union) if union != new else 0
+                changed += self._write_cpus(p, union)
             for p in reversed(paths):  # narrow, children first
                 changed += self._write_cpus(p, new)
         verb = "would set" if self.dry_run else "set"

@@ -140,6 +140,9 @@ class Daemon:
             for tier, v in (("node", s.node_used), ("online", s.online_used), ("offline", s.offline_used),
                             ("system", s.system_used)):
                 m.usage.labels(tier).set(v)
+            log.debug("sample %.3fs: node %.2f online %.2f offline %.2f system %.2f cores; offline cpus %s quota %s "
+                      "vcpus %d", s.interval_s, s.node_used, s.online_used, s.offline_used, s.system_used,
+                      s.offline_cpus, s.offline_quota_cores, s.offline_vcpus)
             extra = {"online_limits": online_limits(self.driver, self.sampler.base, list(s.online_groups))}
             sample = NodeSample(time.monotonic(), s, extra)
             for name, policy in self.cfg.policies.items():
