@@ -36,10 +36,13 @@ class Locator:
         header = ".".join(tables)
         in_table = header == ""
         header_line: int | None = None
+        whole = ".".join(path)
         for n, raw in enumerate(self.text.splitlines(), 1):
             m = _HEADER.match(raw)
             if m:
                 name = m.group(1).replace('"', "").replace(" ", "")
+                if name == whole or name.startswith(whole + "."):
+                    return n  # the key is itself a table
                 in_table = name == header
                 if in_table:
                     header_line = n
