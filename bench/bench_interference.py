@@ -52,7 +52,8 @@ class Result:
     lat: list[dict[str, float]] = field(default_factory=list)      # per round: percentile summary (ms)
     resp: list[dict[str, float]] = field(default_factory=list)
     tput: list[float] = field(default_factory=list)                 # per round: units/s, all thawed VMs
-    notes: list[str] = field(default_factory=list)
+    base: list[dict[str, float]] = field(default_factory=list)     # the paired "alone" window before each
+    foreign: list[float] = field(default_factory=list)              # cores used outside the bench meanwhile
 
 
 def modes(quick: bool) -> list[Mode]:
@@ -60,8 +61,7 @@ def modes(quick: bool) -> list[Mode]:
     nginx = ["noqos", "shares2", "idle", "defaults", "rd_cpuset", "rd_quota"]
     if quick:
         probe, nginx = ["noqos", "idle", "defaults", "rd_cpuset"], ["noqos", "defaults", "rd_cpuset"]
-    out = [Mode("probe alone", "probe", 0, "noqos"), Mode("nginx alone", "nginx", 0, "noqos")]
-    out += [Mode(f"probe + 2 VMs {p}", "probe", 2, p) for p in probe]
+    out = [Mode(f"probe + 2 VMs {p}", "probe", 2, p) for p in probe]
     out += [Mode("probe + 1 VM noqos", "probe", 1, "noqos"), Mode("probe + 1 VM defaults", "probe", 1, "defaults")]
     out += [Mode(f"nginx + 2 VMs {p}", "nginx", 2, p) for p in nginx]
     out += [Mode("offline alone 1 VM", "none", 1, "noqos"), Mode("offline alone 2 VMs", "none", 2, "noqos")]
@@ -109,6 +109,7 @@ class Bench:
         self.freezers: list = []
         self.cleanups: list = []
         self.resourced: subprocess.Popen[bytes] | None = None
+        self.reaction_discarded = 0
         self.resourced_log = Path(f"/tmp/kc-interf-resourced-{self.tag}.log")
 
     # -- setup ---------------------------------------------------------------------------------
@@ -193,10 +194,35 @@ class Bench:
             self.resourced = None
 
     # -- one mode ------------------------------------------------------------------------------
-    def run_mode(self, mode: Mode, window: float, result: Result) -> None:
+    def _online(self, kind: str, window: float) -> tuple[dict[str, float], dict[str, float] | None]:
+        """Run the online workload for ``window`` s: (latency summary in ms, probe response
+        summary or None)."""
         from bench.probe.online import run_loadgen, run_probe
-        from bench.probe.stats import summary, throughput
+        from bench.probe.stats import summary
 
+        if kind == "probe":
+            units, resps = run_probe(self.bins["probe"], self.online, "0-1", self.iters, PERIOD_US, window)
+            return summary(u / 1e6 for u in units), summary(r / 1e6 for r in resps)
+        lat, _note = run_loadgen(self.bins["loadgen"], self.online, self.nginx.url, NGINX_RATE, window, NGINX_CONNS)
+        return summary(x / 1e6 for x in lat), None
+
+    def _foreign(self) -> int:
+        """CPU ns used on the host outside the bench's online group and offline root."""
+        d = self.driver
+        return d.cpu_usage_ns("") - d.cpu_usage_ns(self.online_name) - d.cpu_usage_ns(self.root)
+
+    def run_mode(self, mode: Mode, window: float, result: Result) -> None:
+        """One window of ``mode``. An online mode with VMs is paired: the same online workload
+        runs first with every VM frozen (its own "alone" baseline, a few seconds earlier), and
+        the ratio of the pair is kept — the host is shared and its background load drifts."""
+        from bench.probe.stats import throughput
+
+        if mode.online != "none" and mode.vms:
+            for fr in self.freezers:
+                fr.set(True)
+            time.sleep(SETTLE_S / 2)
+            base, _ = self._online(mode.online, window)
+            result.base.append(base)
         for i, fr in enumerate(self.freezers):
             fr.set(i >= mode.vms)
         policy = self.policies[mode.policy]
@@ -205,20 +231,17 @@ class Bench:
             self.start_resourced(policy.resourced)  # type: ignore[attr-defined]
             time.sleep(RESOURCED_SETTLE_S)
         time.sleep(SETTLE_S)
-        t0 = time.monotonic()
+        t0, f0 = time.monotonic(), self._foreign()
         try:
-            if mode.online == "probe":
-                units, resps = run_probe(self.bins["probe"], self.online, "0-1", self.iters, PERIOD_US, window)
-                result.lat.append(summary(u / 1e6 for u in units))
-                result.resp.append(summary(r / 1e6 for r in resps))
-            elif mode.online == "nginx":
-                lat, note = run_loadgen(self.bins["loadgen"], self.online, self.nginx.url, NGINX_RATE, window,
-                                        NGINX_CONNS)
-                result.lat.append(summary(x / 1e6 for x in lat))
-                result.notes.append(note)
+            if mode.online != "none":
+                lat, resp = self._online(mode.online, window)
+                result.lat.append(lat)
+                if resp is not None:
+                    result.resp.append(resp)
             else:
                 time.sleep(window)
-            t1 = time.monotonic()
+            t1, f1 = time.monotonic(), self._foreign()
+            result.foreign.append((f1 - f0) / 1e9 / (t1 - t0))
             if mode.vms:
                 tp = [throughput(vm.points, t0 + 0.5, t1) for vm in self.vms[: mode.vms]]
                 result.tput.append(sum(tp))
@@ -231,15 +254,17 @@ class Bench:
         from shim.resources.qos import cgroupfs
 
         cpuset = f"{self.driver.mountpoints['cpuset']}/{self.root}/cpuset.cpus"  # type: ignore[attr-defined]
-        full = cgroupfs.read_value(f"/sys/fs/cgroup/cpuset/cpuset.cpus")
+        full = cgroupfs.read_value("/sys/fs/cgroup/cpuset/cpuset.cpus")
         for fr in self.freezers:
             fr.set(False)
         self.knobs.apply(self.policies["rd_cpuset"])  # type: ignore[arg-type]
         self.start_resourced("cpuset")
         out: list[tuple[float, float]] = []
         try:
-            for _ in range(repeats):
-                self._wait_cpuset(cpuset, lambda v: v == full, 15)
+            attempts = 0
+            while len(out) < repeats and attempts < 3 * repeats:
+                attempts += 1
+                self._wait_cpuset(cpuset, lambda v: v == full, 30)
                 time.sleep(0.5)
                 burst = subprocess.Popen([str(self.bins["probe"]), "--cpus", "0-1", "--iters",
                                           str(self.iters // 2), "--period-us", "1100", "--duration", "4"],
@@ -248,7 +273,10 @@ class Bench:
                 t_shrunk = self._wait_cpuset(cpuset, lambda v: v != full, 10)
                 burst.wait(timeout=30)
                 t_end = time.monotonic()
-                t_back = self._wait_cpuset(cpuset, lambda v: v == full, 15)
+                t_back = self._wait_cpuset(cpuset, lambda v: v == full, 30)
+                if t_shrunk < t_start:
+                    self.reaction_discarded += 1  # the host's other load shrank it before the burst
+                    continue
                 out.append((t_shrunk - t_start, t_back - t_end))
         finally:
             self.stop_resourced()
@@ -270,33 +298,37 @@ def _fmt(v: float) -> str:
     return f"{v:6.2f}" if v == v else "   n/a"
 
 
-def report(results: dict[Mode, Result], policies_: dict[str, object]) -> None:
+def report(results: dict[Mode, Result]) -> None:
     from bench.probe.stats import median_of
 
-    def base(online: str) -> dict[str, float]:
-        r = next(res for m, res in results.items() if m.online == online and m.vms == 0)
-        return {k: median_of(r.lat, k) for k in ("p50", "p99", "p99.9", "max")}
+    def med(xs: list[float]) -> float:
+        xs = [x for x in xs if x == x]
+        return statistics.median(xs) if xs else float("nan")
 
-    off = {m.vms: statistics.median(r.tput) for m, r in results.items() if m.online == "none" and m.policy == "noqos"
-           and r.tput}
+    off = {m.vms: med(r.tput) for m, r in results.items() if m.online == "none" and m.policy == "noqos"}
     for online in ("probe", "nginx"):
-        b = base(online)
-        print(f"\n{online}: online alone p50 {b['p50']:.3f} ms, p99 {b['p99']:.3f} ms, p99.9 {b['p99.9']:.3f} ms, "
-              f"max {b['max']:.3f} ms (median of rounds)")
-        print(f"  {'mode':<40} {'p50×':>6} {'p99×':>6} {'p99.9×':>6} {'p99 ms':>7} {'offline×':>8}  rounds p99×")
-        for m, r in results.items():
-            if m.online != online:
-                continue
-            p = {k: median_of(r.lat, k) for k in ("p50", "p99", "p99.9")}
-            tput = statistics.median(r.tput) / off[m.vms] if r.tput and m.vms in off else float("nan")
-            per_round = " ".join(f"{d['p99'] / b['p99']:.2f}" for d in r.lat)
-            print(f"  {m.name:<40} {_fmt(p['p50'] / b['p50'])} {_fmt(p['p99'] / b['p99'])} "
-                  f"{_fmt(p['p99.9'] / b['p99.9'])} {p['p99']:7.3f} {_fmt(tput):>8}  {per_round}")
-    print(f"\noffline throughput (units/s, median): alone 1 VM {off.get(1, float('nan')):.0f}, "
+        rows = [(m, r) for m, r in results.items() if m.online == online and r.lat]
+        if not rows:
+            continue
+        bases = [b for _, r in rows for b in r.base]
+        print(f"\n{online}: online alone (every paired baseline): p50 {median_of(bases, 'p50'):.3f} ms, "
+              f"p99 {median_of(bases, 'p99'):.3f} ms, p99.9 {median_of(bases, 'p99.9'):.3f} ms")
+        print(f"  {'mode':<34} {'p50×':>6} {'p99×':>6} {'p99.9×':>6} {'p99 ms':>7} {'alone':>7} "
+              f"{'offline×':>8} {'other':>5}  p99× per round")
+        for m, r in rows:
+            ratio = {k: med([d[k] / b[k] for d, b in zip(r.lat, r.base)]) for k in ("p50", "p99", "p99.9")}
+            tput = med(r.tput) / off[m.vms] if m.vms in off else float("nan")
+            per_round = " ".join(f"{d['p99'] / b['p99']:.2f}" for d, b in zip(r.lat, r.base))
+            print(f"  {m.name:<34} {_fmt(ratio['p50'])} {_fmt(ratio['p99'])} {_fmt(ratio['p99.9'])} "
+                  f"{median_of(r.lat, 'p99'):7.3f} {median_of(r.base, 'p99'):7.3f} {_fmt(tput):>8} "
+                  f"{med(r.foreign):5.2f}  {per_round}")
+    print(f"\noffline throughput, work units/s (median): alone 1 VM {off.get(1, float('nan')):.0f}, "
           f"alone 2 VMs {off.get(2, float('nan')):.0f}")
     for m, r in results.items():
         if m.online == "none" and m.policy != "noqos" and r.tput:
-            print(f"  {m.name:<40} {statistics.median(r.tput) / off[m.vms]:.2f}× offline alone")
+            print(f"  {m.name:<40} {med(r.tput) / off[m.vms]:.2f}× offline alone  (other {med(r.foreign):.2f} cores)")
+    print("  (×: ratio to the paired online-alone window; offline×: throughput / offline alone; other: cores "
+          "used by processes outside the bench during the window — this host is shared)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="kc-interf-", dir="/tmp"))
     bench = Bench(args, work)
     results: dict[Mode, Result] = {m: Result() for m in modes(args.quick)
-                                   if not args.only or "alone" in m.name or any(o in m.name for o in args.only)}
+                                   if not args.only or "offline alone" in m.name or any(o in m.name for o in args.only)}
     rng = random.Random(1234)
     t_all = time.monotonic()
     try:
@@ -335,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in order:
                 bench.run_mode(m, window, results[m])
             print(f"round {rnd + 1}/{rounds} done ({time.monotonic() - t_all:.0f}s)", flush=True)
-        report(results, bench.policies)
+        report(results)
         try:
             react = bench.reaction(2 if args.quick else 3)
         except RuntimeError as exc:
@@ -347,10 +379,11 @@ def main(argv: list[str] | None = None) -> None:
     shrink = [a for a, _ in react]
     grow = [b for _, b in react]
     if react:
-        print(f"\nsuppression reaction (kata-colo-resourced, cpuset policy): online burst → offline cpuset "
-          f"shrunk: median {statistics.median(shrink) * 1e3:.0f} ms {[f'{x * 1e3:.0f}' for x in shrink]}; "
-          f"burst end → cpuset whole again: median {statistics.median(grow) * 1e3:.0f} ms "
-          f"{[f'{x * 1e3:.0f}' for x in grow]}")
+        print(f"\nsuppression reaction (kata-colo-resourced, cpuset policy, shipped interval and relax delay): "
+              f"online burst → offline cpuset shrunk: median {statistics.median(shrink) * 1e3:.0f} ms "
+              f"{[f'{x * 1e3:.0f}' for x in shrink]}; burst end → cpuset whole again: median "
+              f"{statistics.median(grow) * 1e3:.0f} ms {[f'{x * 1e3:.0f}' for x in grow]}"
+              f" ({bench.reaction_discarded} attempts discarded: shrunk by other load before the burst)")
     print(f"total {time.monotonic() - t_all:.0f}s")
 
 

@@ -70,4 +70,5 @@ async def evict_lowest(endpoint: str, offline_groups: Sequence[str], dry_run: bo
             return "no offline pod to evict"
         if not dry_run:
             await cri.stop_pod_sandbox(victim.pod_id)
-        return f"{'would stop' if dry_run else 'stopped'} pod {victim.name} ({victim.pod_id[:12]}, priority {victim.priority})"
+        verb = "would stop" if dry_run else "stopped"
+        return f"{verb} pod {victim.name} ({victim.pod_id[:12]}, priority {victim.priority})"

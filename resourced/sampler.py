@@ -94,7 +94,8 @@ class CpuSampler:
         out: dict[str, list[int]] = {}
         for g in groups:
             try:
-                out[g] = [int(x) for x in cgroupfs.read_value(os.path.join(self.base, g, "cpuacct.usage_percpu")).split()]
+                text = cgroupfs.read_value(os.path.join(self.base, g, "cpuacct.usage_percpu"))
+                out[g] = [int(x) for x in text.split()]
             except (ResourceError, ValueError):
                 continue
         return out

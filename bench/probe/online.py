@@ -167,7 +167,8 @@ class Nginx:
                         return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not answer: {(self.dir / 'nginx.log').read_text()[-2000:]}") from None
+                    log_text = (self.dir / "nginx.log").read_text()[-2000:]
+                    raise RuntimeError(f"nginx did not answer: {log_text}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

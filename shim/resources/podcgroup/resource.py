@@ -54,10 +54,11 @@ def sandbox_group(ctx: ResourceContext) -> str | None:
 
 def pod_memory_limit(spec: Mapping[str, Any], annotations: Mapping[str, str]) -> int | None:
     """The pod's memory limit in bytes from the sandbox spec or containerd's annotation."""
-    linux = spec.get("linux") if isinstance(spec.get("linux"), Mapping) else {}
-    resources = linux.get("resources") if isinstance(linux.get("resources"), Mapping) else {}
-    memory = resources.get("memory") if isinstance(resources.get("memory"), Mapping) else {}
-    limit = memory.get("limit")
+    def table(parent: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = parent.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    limit = table(table(table(spec, "linux"), "resources"), "memory").get("limit")
     if limit is None and annotations.get(ANNOTATION_SANDBOX_MEMORY):
         raw = annotations[ANNOTATION_SANDBOX_MEMORY]
         try:

@@ -4,9 +4,9 @@ Applies when the sandbox carries ``io.katacontainers.colo.vcpu-priorities`` (``h
 The groups nest in the sandbox group of :mod:`shim.resources.podcgroup` (which exists before the
 VMM starts) or, with ``[colo] sandbox_cgroup_only = false``, in ``<cgroup_root>/<sandbox-id>``.
 The journal record names that group before any QoS group exists, so recovery after a crash at
-any moment removes what lies below it (and, when the QoS resource owns it, the group itself). After boot the vCPU threads are
-placed (:class:`~shim.resources.qos.manager.QosManager`) and the guest is told the mapping; the
-live-change operations the admin socket exposes are here too.
+any moment removes what lies below it (and, when the QoS resource owns it, the group itself).
+After boot the vCPU threads are placed (:class:`~shim.resources.qos.manager.QosManager`) and
+the guest is told the mapping; the live-change operations the admin socket exposes are here too.
 """
 from __future__ import annotations
 
