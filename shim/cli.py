@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from common.errors import Unavailable
 from common.version import VERSION
@@ -217,6 +218,8 @@ def cmd_delete(args: Args, factory: BackendFactory) -> int:
 
 async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> None:
     from shim.events import EventPublisher
+    from shim.mgmt.metrics import timed_service
+    from shim.mgmt.server import write_monitor_address
     from shim.task_service import TaskService
     from ttrpc import Server
 
@@ -231,14 +234,22 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
                           backend_factory=factory, publisher=publisher, config_path=args.config_path,
                           ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""), debug=args.debug,
                           on_shutdown=stop.set)
+    mgmt = _mgmt_server(args, service)
     server = Server()
-    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
+    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"],
+                            timed_service(service, mgmt.task_rpc))
     await server.start_unix(sock=sock)
     path = sock.getsockname()
     log.info("serving sandbox %s on %s (pid %d)", service.sandbox_id, path, os.getpid())
     try:
+        await mgmt.start()
+        write_monitor_address(args.bundle or os.getcwd(), mgmt.address)
+    except Exception:  # noqa: BLE001 - the Task API serves without the management socket
+        log.exception("management socket %s not started", mgmt.path)
+    try:
         await stop.wait()
     finally:
+        await mgmt.close()
         await server.close()
         await service.close()
         await publisher.close()
@@ -248,13 +259,33 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
         log.info("shim exiting")
 
 
+def _mgmt_server(args: Args, service: Any) -> Any:
+    """The management server (shim.mgmt) over the Task service's sandbox handle and table."""
+    from shim import config
+    from shim.mgmt.server import MgmtServer
+
+    try:
+        cfg = config.load(args.config_path or None)
+        admin_gid, debug_console = cfg.runtime.admin_gid, cfg.agent.debug_console_enabled
+    except Exception:  # noqa: BLE001 - reported by Create; management stays root-only meanwhile
+        admin_gid, debug_console = 0, False
+    return MgmtServer(sandbox_id=service.sandbox_id, state_dir=str(service.state_dir),
+                      sandbox=getattr(service.backend, "sandbox", None), table=service.table,
+                      admin_gid=admin_gid, debug_console_enabled=debug_console)
+
+
 def _config_debug(config_path: str) -> bool:
     """``[runtime] enable_debug`` of the configuration this shim will use (False when it does
-    not load: the first Create reports why)."""
+    not read: the first Create validates the file and reports why). Only the TOML is read here,
+    on the daemon's start path."""
+    import tomllib
+
     from shim import config
 
     try:
-        return config.load(config_path or None).runtime.enable_debug
+        path = config.resolve_path(config_path or None)
+        raw = tomllib.loads(path.read_text()) if path is not None else {}
+        return raw.get("runtime", {}).get("enable_debug") is True
     except Exception:  # noqa: BLE001 - reported by Create, not here
         return False
 

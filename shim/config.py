@@ -76,15 +76,18 @@ class AgentConfig:
     dial_timeout: float = 60.0
     enable_debug: bool = False
     runc_no_pivot: bool = True
+    debug_console_enabled: bool = False
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """``enable_debug`` turns on the shim's debug log; ``hypervisor`` names the driver."""
+    """``enable_debug`` turns on the shim's debug log; ``hypervisor`` names the driver;
+    ``admin_gid`` is the group (besides root) allowed on the management socket (0 = root only)."""
 
     enable_debug: bool = False
     internetworking_model: str = "tcfilter"
     hypervisor: str = DEFAULT_HYPERVISOR
+    admin_gid: int = 0
 
 
 ONLINE_CGROUPS = ("kubepods/burstable", "kubepods/pod*", "kubepods.slice/kubepods-burstable.slice",
@@ -147,6 +150,7 @@ class Config:
         if self.agent.transport == "hybrid-vsock":
             _check(name == "clh", f"agent.kata.transport hybrid-vsock is Cloud Hypervisor's; {name} cannot serve it")
         _check(self.agent.dial_timeout > 0, "agent.kata.dial_timeout must be > 0")
+        _check(0 <= self.runtime.admin_gid < 2**32 - 1, "runtime.admin_gid must be a gid >= 0 (0 = root only)")
         _check(self.runtime.internetworking_model in ("tcfilter", "none"),
                "runtime.internetworking_model must be 'tcfilter' or 'none'")
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.colo.cgroup_root)),

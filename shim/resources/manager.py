@@ -249,7 +249,8 @@ class ResourceManager:
                           exc_info=not isinstance(exc, KataColoError))
                 failures.append(f"{entry.key}: {exc}")
                 continue
-            self._entries.remove(entry)
+            if entry in self._entries:
+                self._entries.remove(entry)
             self.persist()
         self._entries = [e for e in self._entries if e.resource is not None]
         if failures:

@@ -17,12 +17,13 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent_api.client.facade import GuestAgent
 from common.errors import FailedPrecondition, KataColoError
-from hypervisor import registry
+from hypervisor import host, registry
 from hypervisor.base import AgentAddress, GuestConsole, Hypervisor, apply_patches
 from shim import config as cfgmod
 from shim import resources
@@ -85,6 +86,7 @@ class Sandbox:
         self.vm_exit_status: int | None = None
         self._rctx: ResourceContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop_lock = asyncio.Lock()
         self._hypervisor_factory = hypervisor_factory
         self._agent_factory = agent_factory
 
@@ -119,9 +121,17 @@ class Sandbox:
         wanted = resources.for_sandbox(rctx)
         patches = await self.resources.before_boot(wanted, rctx)
         vmcfg = apply_patches(vm_config(cfg, self.id, self.vm_dir), patches)
-        await hv.prepare(vmcfg)
-        self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})
-        await hv.start(timeout=cfg.hypervisor.boot_timeout)
+        cid: host.VsockCid | None = None
+        if vmcfg.agent_channel == "vsock":  # kata's FindContextID: a CID reserved on an fd the VMM gets
+            cid = await asyncio.to_thread(host.reserve_vsock_cid)
+            vmcfg = replace(vmcfg, vsock_cid=cid.cid, vsock_fd=cid.fd)
+        try:
+            await hv.prepare(vmcfg)
+            self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})
+            await hv.start(timeout=cfg.hypervisor.boot_timeout)
+        finally:
+            if cid is not None:
+                cid.close()  # the VMM holds its own copy (or failed)
         self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})  # now with the pid
         self.started_at = time.time()
         self.spawn(self._watch_vm(hv))
@@ -148,8 +158,14 @@ class Sandbox:
         return task
 
     async def stop(self) -> None:
-        """Stop the VM and release every resource (idempotent). Raises ResourceError naming the
-        resources that could not be released (they stay journaled for ``delete``)."""
+        """Stop the VM and release every resource (idempotent; concurrent callers — e.g. two
+        containers' Deletes after the VM died — wait for the one teardown). Raises
+        ResourceError naming the resources that could not be released (they stay journaled for
+        ``delete``)."""
+        async with self._stop_lock:
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self.state in (State.NEW, State.STOPPED):
             self.state = State.STOPPED
             return
