@@ -36,7 +36,7 @@ from shim.resources.manager import ResourceContext
 from shim.resources.podcgroup import path as cgpath
 from shim.resources.podcgroup.hierarchy import PodHierarchies
 from shim.resources.qos.detect import detect_driver
-from shim.resources.qos.model import from_colo_config
+from shim.resources.qos.model import root_knobs
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class PodCgroupResource:
         self.memory_limit = memory_limit
         self.hier = hierarchies or PodHierarchies.detect()
         self.offline_root = colo.cgroup_root if cgpath.under(group, colo.cgroup_root) else None
-        self.root_knobs = from_colo_config(colo).root if self.offline_root else None
+        self.root_knobs = root_knobs(colo) if self.offline_root else None
         self.created: dict[str, list[str]] = {}
         self.pid: int | None = None
         self.origin: dict[str, str] = {}

@@ -268,6 +268,11 @@ def from_tables(root: Mapping[str, Any], priorities: Mapping[str, Mapping[str, A
                      priorities=prios, vmm=_knobs_from_table(vmm or {}, "colo.vmm", _KNOB_KEYS)).validate()
 
 
+def root_knobs(colo: Any) -> CpuKnobs:
+    """Only `[colo.root]` of shim.config.ColoConfig (no priorities needed)."""
+    return _knobs_from_table(colo.root, "colo.root", _KNOB_KEYS)
+
+
 def from_colo_config(colo: Any) -> QosConfig:
     """From shim.config.ColoConfig (fields cgroup_root, root, vmm, priorities)."""
     return from_tables(colo.root, colo.priorities, colo.cgroup_root, getattr(colo, "vmm", None))
