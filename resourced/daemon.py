@@ -42,6 +42,7 @@ class DaemonConfig:
     interval_ms: float = 250.0
     listen: str = DEFAULT_LISTEN
     cri_endpoint: str = DEFAULT_CRI
+    node_cgroup: str = ""
     tiers: Tiers = Tiers((), ())
     policies: dict[str, Policy] = field(default_factory=dict)
     source: str = "<defaults>"
@@ -57,7 +58,10 @@ def load(text: str, file: str, colo: Any) -> DaemonConfig:
         interval_ms=float(d.number("interval_ms", 250.0, 20, 60_000)),
         listen=d.string("listen", DEFAULT_LISTEN),
         cri_endpoint=d.string("cri_endpoint", DEFAULT_CRI),
+        node_cgroup=d.string("node_cgroup", "").strip("/"),
         source=file)
+    if ".." in cfg.node_cgroup.split("/"):
+        raise d.error("node_cgroup", f"bad cgroup path {cfg.node_cgroup!r}")
     if cfg.listen and not cfg.listen.rpartition(":")[2].isdigit():
         raise d.error("listen", f"must be host:port or \"\", not {cfg.listen!r}")
     d.done()
@@ -96,7 +100,7 @@ class Daemon:
         self.cfg = cfg
         self.dry_run = dry_run
         self.driver = driver or detect_driver()
-        self.sampler = CpuSampler(self.driver, cfg.tiers)
+        self.sampler = CpuSampler(self.driver, cfg.tiers, cfg.node_cgroup)
         self.actuator = Actuator(self.driver, dry_run)
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
@@ -192,10 +196,8 @@ class Daemon:
                     pass
         finally:
             online, offline = self.sampler.groups()
-            from shim.resources.qos.cgroupfs import online_cpus
-
             for name, policy in self.cfg.policies.items():
-                self._apply(name, policy.release(online, offline, online_cpus()))
+                self._apply(name, policy.release(online, offline, self.sampler.node_cpus()))
             log.info("kata-colo-resourced: stopped after %d rounds", self.rounds)
         return 0
 

@@ -3,8 +3,9 @@ and the rest ("system"), measured over the interval since the previous sample fr
 nanosecond counters (the root cgroup and each tier's groups), plus the offline tier's current
 limits. The counters are cgroup files; :class:`CpuSampler` keeps the previous reading.
 
-node usage = the root group's CPU time (every task on the host); system = node − online −
-offline (clamped at 0): host daemons, the shim when not in a tier, kernel threads.
+node usage = the node group's CPU time (the hierarchy root: every task on the host; or the
+``[daemon] node_cgroup`` subtree the daemon is given); node CPUs = that group's CPUs; system =
+node − online − offline (clamped at 0): host daemons, the shim when not in a tier, kernel threads.
 Per-CPU online usage comes from cpuacct.usage_percpu on v1 (None on v2).
 """
 from __future__ import annotations
@@ -60,6 +61,7 @@ class _Reading:
 class CpuSampler:
     driver: CgroupDriver
     tiers: tiermod.Tiers
+    node: str = ""
     _prev: _Reading | None = None
     _groups: dict[str, list[str]] = field(default_factory=dict)
 
@@ -100,6 +102,9 @@ class CpuSampler:
                 continue
         return out
 
+    def node_cpus(self) -> tuple[int, ...]:
+        return self.driver.effective_cpus(self.node) if self.node else cgroupfs.online_cpus()
+
     def offline_cpus(self, offline: list[str]) -> tuple[int, ...]:
         base = self.cpuset_base
         if not offline or base is None:
@@ -136,7 +141,7 @@ class CpuSampler:
         """A sample over the time since the previous call (None on the first call)."""
         now = time.monotonic() if now is None else now
         online, offline = self.groups()
-        reading = _Reading(now, self.driver.cpu_usage_ns(""), self._usage(online), self._usage(offline),
+        reading = _Reading(now, self.driver.cpu_usage_ns(self.node), self._usage(online), self._usage(offline),
                            self._percpu(online))
         prev, self._prev = self._prev, reading
         if prev is None or reading.t <= prev.t:
@@ -161,7 +166,7 @@ class CpuSampler:
                 for cpu, (a, b) in enumerate(zip(values, before)):
                     percpu[cpu] = percpu.get(cpu, 0.0) + rate(a, b)
         return CpuSample(
-            interval_s=dt, node_cpus=cgroupfs.online_cpus(), node_used=rate(reading.node, prev.node),
+            interval_s=dt, node_cpus=self.node_cpus(), node_used=rate(reading.node, prev.node),
             online_used=tier_rate(reading.online, prev.online),
             offline_used=tier_rate(reading.offline, prev.offline),
             offline_cpus=self.offline_cpus(offline), offline_quota_cores=self.offline_quota(offline),
