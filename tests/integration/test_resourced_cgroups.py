@@ -70,8 +70,8 @@ def start_daemon(tmp_path: Path, online: str, offline: str, port: int, *extra: s
                       f'[tiers]\nonline = ["{online}"]\noffline = ["{offline}"]\n'
                       f'[cpu]\npolicy = "cpuset"\nrelax_delay_ms = 300\n')
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "resourced", "--policy", str(policy), "--log-level", "debug", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "resourced", "--policy", str(policy), "--log-level", "debug", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def wait_for(fn, timeout: float, step: float = 0.01, on_fail=lambda: "") -> float:
