@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         argv = rest
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
-    window = args.window or (4.0 if args.quick else 5.0)
+    window = args.window or (3.0 if args.quick else 4.0)
     from bench.probe import missing_tools
 
     missing = missing_tools() + [t for t in ("nginx", "runc", "containerd", "ctr") if shutil.which(t) is None]

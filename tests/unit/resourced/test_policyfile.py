@@ -68,3 +68,12 @@ def test_cli_exit_2_with_location(tmp_path, capsys):
     assert main(["--policy", str(tmp_path / "missing.toml"), "--check"]) == 2
     assert "no such policy file" in capsys.readouterr().err
     assert main(["--policy", str(SHIPPED), "--check"]) == 0
+
+
+def test_daemonset_configmap_policy_is_valid():
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kata-colo-resourced-daemonset.yaml").read_text()))
+    policy = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["resourced.toml"]
+    cfg = daemon.load(policy, "configmap", ColoConfig())
+    assert cfg.listen == "0.0.0.0:9301" and cfg.policies["cpu"].config.policy == "cpuset"  # type: ignore[attr-defined]
