@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -50,7 +51,8 @@ class Mode:
 @dataclass
 class Result:
     lat: list[dict[str, float]] = field(default_factory=list)      # per round: percentile summary (ms)
-    resp: list[dict[str, float]] = field(default_factory=list)
+    lat_all: list[float] = field(default_factory=list)              # every round's samples, pooled
+    base_all: list[float] = field(default_factory=list)
     tput: list[float] = field(default_factory=list)                 # per round: units/s, all thawed VMs
     base: list[dict[str, float]] = field(default_factory=list)     # the paired "alone" window before each
     foreign: list[float] = field(default_factory=list)              # cores used outside the bench meanwhile
@@ -58,10 +60,13 @@ class Result:
 
 def modes(quick: bool) -> list[Mode]:
     probe = ["noqos", "shares2", "sched_idle", "idle", "idle_vmm_idle", "defaults", "rd_cpuset", "rd_quota"]
-    nginx = ["noqos", "shares2", "idle", "defaults", "rd_cpuset", "rd_quota"]
+    nginx = ["noqos", "idle", "defaults", "rd_cpuset", "rd_quota"]
     if quick:
         probe, nginx = ["noqos", "idle", "defaults", "rd_cpuset"], ["noqos", "defaults", "rd_cpuset"]
-    out = [Mode(f"probe + 2 VMs {p}", "probe", 2, p) for p in probe]
+    # "alone vs alone": both windows of the pair with every VM frozen — the noise floor of a ratio
+    out = [Mode("probe alone (noise floor)", "probe", 0, "noqos"),
+           Mode("nginx alone (noise floor)", "nginx", 0, "noqos")]
+    out += [Mode(f"probe + 2 VMs {p}", "probe", 2, p) for p in probe]
     out += [Mode("probe + 1 VM noqos", "probe", 1, "noqos"), Mode("probe + 1 VM defaults", "probe", 1, "defaults")]
     out += [Mode(f"nginx + 2 VMs {p}", "nginx", 2, p) for p in nginx]
     out += [Mode("offline alone 1 VM", "none", 1, "noqos"), Mode("offline alone 2 VMs", "none", 2, "noqos")]
@@ -110,6 +115,7 @@ class Bench:
         self.cleanups: list = []
         self.resourced: subprocess.Popen[bytes] | None = None
         self.reaction_discarded = 0
+        self.loadgen_notes: list[str] = []
         self.resourced_log = Path(f"/tmp/kc-interf-resourced-{self.tag}.log")
 
     # -- setup ---------------------------------------------------------------------------------
@@ -194,17 +200,16 @@ class Bench:
             self.resourced = None
 
     # -- one mode ------------------------------------------------------------------------------
-    def _online(self, kind: str, window: float) -> tuple[dict[str, float], dict[str, float] | None]:
-        """Run the online workload for ``window`` s: (latency summary in ms, probe response
-        summary or None)."""
+    def _online(self, kind: str, window: float) -> list[float]:
+        """Run the online workload for ``window`` s: its latencies in ms (probe: unit wall times)."""
         from bench.probe.online import run_loadgen, run_probe
-        from bench.probe.stats import summary
 
         if kind == "probe":
-            units, resps = run_probe(self.bins["probe"], self.online, "0-1", self.iters, PERIOD_US, window)
-            return summary(u / 1e6 for u in units), summary(r / 1e6 for r in resps)
-        lat, _note = run_loadgen(self.bins["loadgen"], self.online, self.nginx.url, NGINX_RATE, window, NGINX_CONNS)
-        return summary(x / 1e6 for x in lat), None
+            units, _resps = run_probe(self.bins["probe"], self.online, "0-1", self.iters, PERIOD_US, window)
+            return [u / 1e6 for u in units]
+        lat, note = run_loadgen(self.bins["loadgen"], self.online, self.nginx.url, NGINX_RATE, window, NGINX_CONNS)
+        self.loadgen_notes.append(note)
+        return [x / 1e6 for x in lat]
 
     def _foreign(self) -> int:
         """CPU ns used on the host outside the bench's online group and offline root."""
@@ -215,14 +220,15 @@ class Bench:
         """One window of ``mode``. An online mode with VMs is paired: the same online workload
         runs first with every VM frozen (its own "alone" baseline, a few seconds earlier), and
         the ratio of the pair is kept — the host is shared and its background load drifts."""
-        from bench.probe.stats import throughput
+        from bench.probe.stats import summary, throughput
 
-        if mode.online != "none" and mode.vms:
+        if mode.online != "none":
             for fr in self.freezers:
                 fr.set(True)
             time.sleep(SETTLE_S / 2)
-            base, _ = self._online(mode.online, window)
-            result.base.append(base)
+            base = self._online(mode.online, window)
+            result.base.append(summary(base))
+            result.base_all.extend(base)
         for i, fr in enumerate(self.freezers):
             fr.set(i >= mode.vms)
         policy = self.policies[mode.policy]
@@ -234,10 +240,9 @@ class Bench:
         t0, f0 = time.monotonic(), self._foreign()
         try:
             if mode.online != "none":
-                lat, resp = self._online(mode.online, window)
-                result.lat.append(lat)
-                if resp is not None:
-                    result.resp.append(resp)
+                lat = self._online(mode.online, window)
+                result.lat.append(summary(lat))
+                result.lat_all.extend(lat)
             else:
                 time.sleep(window)
             t1, f1 = time.monotonic(), self._foreign()
@@ -299,7 +304,7 @@ def _fmt(v: float) -> str:
 
 
 def report(results: dict[Mode, Result]) -> None:
-    from bench.probe.stats import median_of
+    from bench.probe.stats import median_of, summary
 
     def med(xs: list[float]) -> float:
         xs = [x for x in xs if x == x]
@@ -313,21 +318,24 @@ def report(results: dict[Mode, Result]) -> None:
         bases = [b for _, r in rows for b in r.base]
         print(f"\n{online}: online alone (every paired baseline): p50 {median_of(bases, 'p50'):.3f} ms, "
               f"p99 {median_of(bases, 'p99'):.3f} ms, p99.9 {median_of(bases, 'p99.9'):.3f} ms")
-        print(f"  {'mode':<34} {'p50×':>6} {'p99×':>6} {'p99.9×':>6} {'p99 ms':>7} {'alone':>7} "
+        print(f"  {'mode':<34} {'p50×':>6} {'p99×':>6} {'p99.9×':>6} {'pooled p99×':>11} {'p99 ms':>7} {'alone':>7} "
               f"{'offline×':>8} {'other':>5}  p99× per round")
         for m, r in rows:
             ratio = {k: med([d[k] / b[k] for d, b in zip(r.lat, r.base)]) for k in ("p50", "p99", "p99.9")}
+            pooled = summary(r.lat_all)["p99"] / summary(r.base_all)["p99"]
             tput = med(r.tput) / off[m.vms] if m.vms in off else float("nan")
             per_round = " ".join(f"{d['p99'] / b['p99']:.2f}" for d, b in zip(r.lat, r.base))
-            print(f"  {m.name:<34} {_fmt(ratio['p50'])} {_fmt(ratio['p99'])} {_fmt(ratio['p99.9'])} "
+            print(f"  {m.name:<34} {_fmt(ratio['p50'])} {_fmt(ratio['p99'])} {_fmt(ratio['p99.9'])} {_fmt(pooled):>11} "
                   f"{median_of(r.lat, 'p99'):7.3f} {median_of(r.base, 'p99'):7.3f} {_fmt(tput):>8} "
                   f"{med(r.foreign):5.2f}  {per_round}")
     print(f"\noffline throughput, work units/s (median): alone 1 VM {off.get(1, float('nan')):.0f}, "
           f"alone 2 VMs {off.get(2, float('nan')):.0f}")
     for m, r in results.items():
         if m.online == "none" and m.policy != "noqos" and r.tput:
-            print(f"  {m.name:<40} {med(r.tput) / off[m.vms]:.2f}× offline alone  (other {med(r.foreign):.2f} cores)")
-    print("  (×: ratio to the paired online-alone window; offline×: throughput / offline alone; other: cores "
+            print(f"  {m.name:<40} {med(r.tput) / off[m.vms]:.2f}× offline alone  "
+                  f"(other {med(r.foreign):.2f} cores)")
+    print("  (×: median over rounds of the ratio to the paired online-alone window; pooled: p99 of every round's "
+          "samples together over the same for the paired windows;\n   offline×: throughput / offline alone; other: cores "
           "used by processes outside the bench during the window — this host is shared)")
 
 
@@ -368,6 +376,11 @@ def main(argv: list[str] | None = None) -> None:
                 bench.run_mode(m, window, results[m])
             print(f"round {rnd + 1}/{rounds} done ({time.monotonic() - t_all:.0f}s)", flush=True)
         report(results)
+        lateness = [float(m.group(1)) for n in bench.loadgen_notes
+                    if (m := re.search(r"max ([0-9.]+) us", n))]
+        if lateness:
+            print(f"load generator send lateness (own error bound): max per window median "
+                  f"{statistics.median(lateness):.0f} us, worst {max(lateness):.0f} us over {len(lateness)} windows")
         try:
             react = bench.reaction(2 if args.quick else 3)
         except RuntimeError as exc:

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from cri.client import CriClient, container_config, pod_config
-from proto.cri.runtime.v1 import api_pb2 as api
 from tests.e2e.conftest import IMAGE, RUNTIME, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
@@ -142,15 +141,44 @@ def make_pod_cgroup(rel: str) -> list[Path]:
     return made
 
 
-async def _stats(client: CriClient, pod_id: str, cid: str) -> tuple[api.PodSandboxStats, list[api.ContainerStats]]:
-    pod = (await client._call("runtime", "PodSandboxStats", api.PodSandboxStatsRequest(pod_sandbox_id=pod_id))).stats
-    ctrs = (await client._call("runtime", "ListContainerStats", api.ListContainerStatsRequest(
-        filter=api.ContainerStatsFilter(pod_sandbox_id=pod_id)))).stats
-    return pod, list(ctrs)
+def stats_messages(tmp: Path):
+    """Compile tests/e2e/cri_stats.proto (grpc_tools, a test dependency) and import it."""
+    import importlib.util
+
+    from grpc_tools import protoc
+
+    here = Path(__file__).resolve().parent
+    rc = protoc.main(["protoc", f"-I{here}", f"--python_out={tmp}", str(here / "cri_stats.proto")])
+    assert rc == 0
+    spec = importlib.util.spec_from_file_location("cri_stats_pb2", tmp / "cri_stats_pb2.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def test_cri_pod_and_container_stats_are_real(cri_containerd):
+async def _stats(address: str, pb, pod_id: str):
+    """PodSandboxStats and ListContainerStats by their CRI method paths."""
+    import grpc.aio
+
+    from cri.client import target
+
+    async with grpc.aio.insecure_channel(target(address)) as ch:
+        pod_rpc = ch.unary_unary("/runtime.v1.RuntimeService/PodSandboxStats",
+                                 request_serializer=pb.PodSandboxStatsRequest.SerializeToString,
+                                 response_deserializer=pb.PodSandboxStatsResponse.FromString)
+        list_rpc = ch.unary_unary("/runtime.v1.RuntimeService/ListContainerStats",
+                                  request_serializer=pb.ListContainerStatsRequest.SerializeToString,
+                                  response_deserializer=pb.ListContainerStatsResponse.FromString)
+        pod = (await pod_rpc(pb.PodSandboxStatsRequest(pod_sandbox_id=pod_id), timeout=30)).stats
+        ctrs = (await list_rpc(pb.ListContainerStatsRequest(
+            filter=pb.ContainerStatsFilter(pod_sandbox_id=pod_id)), timeout=30)).stats
+        return pod, list(ctrs)
+
+
+def test_cri_pod_and_container_stats_are_real(cri_containerd, tmp_path):
     c = cri_containerd
+    pb = stats_messages(tmp_path)
     uid = uuid.uuid4().hex
     parent = f"kubepods/besteffort/pod{uid}"
     made = make_pod_cgroup(parent)
@@ -168,7 +196,7 @@ def test_cri_pod_and_container_stats_are_real(cri_containerd):
                     log_path="spin/0.log"), sandbox_config=config)
                 await client.start_container(cid)
                 await asyncio.sleep(3)
-                pod, ctrs = await _stats(client, pod_id, cid)
+                pod, ctrs = await _stats(c.address, pb, pod_id)
                 assert pod.attributes.id == pod_id
                 assert pod.linux.cpu.usage_core_nano_seconds.value > 0
                 assert pod.linux.memory.working_set_bytes.value > 100 * MIB  # the whole VM
