@@ -334,9 +334,9 @@ def report(results: dict[Mode, Result]) -> None:
         if m.online == "none" and m.policy != "noqos" and r.tput:
             print(f"  {m.name:<40} {med(r.tput) / off[m.vms]:.2f}× offline alone  "
                   f"(other {med(r.foreign):.2f} cores)")
-    print("  (×: median over rounds of the ratio to the paired online-alone window; pooled: p99 of every round's "
-          "samples together over the same for the paired windows;\n   offline×: throughput / offline alone; other: cores "
-          "used by processes outside the bench during the window — this host is shared)")
+    print("  (×: median over rounds of the ratio to the paired online-alone window; pooled: p99 of every "
+          "round's samples together over the same for the paired windows;\n   offline×: throughput / offline "
+          "alone; other: cores used by processes outside the bench during the window — this host is shared)")
 
 
 def main(argv: list[str] | None = None) -> None:

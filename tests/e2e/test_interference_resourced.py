@@ -122,4 +122,5 @@ def test_online_burst_suppresses_a_real_vm_within_a_second(colo_containerd, tmp_
             time.sleep(0.5)
         c.ctr("container", "rm", name, check=False)
         driver.remove_tree(online, "")
-    assert cpuset.read_text().strip() == full
+    # the daemon gave the CPUs back on SIGTERM; the last sandbox leaving removed the root it made
+    assert not cpuset.exists() or cpuset.read_text().strip() == full
