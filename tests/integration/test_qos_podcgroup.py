@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ResourceError
 from shim.config import ColoConfig, Config, HypervisorConfig
 from shim.resources.manager import ResourceContext
 from shim.resources.podcgroup.hierarchy import PodHierarchies
 from shim.resources.podcgroup.resource import PodCgroupResource
-from shim.resources.qos import QosManager, detect_driver
+from shim.resources.qos import QosManager, cgroupfs, detect_driver
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups)")]
 MIB = 1 << 20
@@ -141,3 +142,33 @@ async def test_systemd_path_expands_to_slices(hier, top, sleeper):
     finally:
         await res.teardown()
     assert not any(os.path.isdir(hier.dir(mp, f"{slice_name}.slice")) for mp in hier.mounts)
+
+
+V2_MOUNT = cgroupfs.v2_mountpoint(cgroupfs.cgroup_mounts())
+
+
+@pytest.mark.skipif(V2_MOUNT is None, reason="no cgroup2 hierarchy mounted")
+def test_v2_structure_join_and_remove(sleeper):
+    """cgroup v2 on the real unified hierarchy (on this v1 host it has no controllers: groups,
+    process moves and removal are real; the memory limit needs the memory controller)."""
+    assert V2_MOUNT is not None
+    hier = PodHierarchies(2, {V2_MOUNT: frozenset()})
+    group = f"kc-test-v2-{secrets.token_hex(3)}/pod/sb"
+    created = hier.missing(group)
+    assert created == {V2_MOUNT: [group.split("/")[0], group.rsplit("/", 1)[0], group]}
+    origin = hier.location(sleeper.pid)
+    try:
+        hier.create(group)
+        hier.set_memory_limit(group, None)  # unlimited needs nothing
+        if not (Path(V2_MOUNT) / group / "memory.max").exists():
+            with pytest.raises(ResourceError, match="memory controller"):
+                hier.set_memory_limit(group, 1 << 30)
+        hier.join(group, sleeper.pid)
+        assert groups_of(sleeper.pid)["unified"] == "/" + group
+        hier.move_back(sleeper.pid, origin)
+        assert groups_of(sleeper.pid)["unified"] == "/" + origin[V2_MOUNT]
+        hier.join(group, sleeper.pid)  # as after a crash: recovery empties the group into the root
+    finally:
+        hier.remove(created, evacuate=group)
+    assert not (Path(V2_MOUNT) / group.split("/")[0]).exists()
+    assert groups_of(sleeper.pid)["unified"] == "/"
