@@ -68,7 +68,16 @@ class OnlineGroup:
         return self.driver.cpu_usage_ns(self.name)
 
     def remove(self) -> None:
+        """Remove the group everywhere, runc's extra hierarchies too (it makes the parents of a
+        container's cgroupsPath in every controller it uses, and removes only the leaf)."""
         self.driver.remove_tree(self.name, "")
+        for m in cgroupfs.cgroup_mounts():
+            top = os.path.join(m.path, self.name)
+            for root, dirs, _files in os.walk(top, topdown=False):
+                for d in dirs:
+                    os.rmdir(os.path.join(root, d))
+            if os.path.isdir(top):
+                os.rmdir(top)
 
 
 def calibrate(probe: Path, work_us: int, group: OnlineGroup) -> int:
