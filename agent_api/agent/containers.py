@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,8 +112,18 @@ class Containers:
                     json.dump(config, f)
                 stdio = StdioSetup(bool(config["process"].get("terminal")))
                 pid_file = os.path.join(bundle, "init.pid")
-                await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
-                                                 console_socket=stdio.console_path))
+                # both ends of runc create are logged: when the host's CreateContainer times
+                # out, the console tail it logs shows whether runc ran and where it stopped
+                log.info("creating container %s: runc create", cid)
+                started = time.monotonic()
+                try:
+                    await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
+                                                     console_socket=stdio.console_path))
+                except DeadlineExceeded as exc:  # a hung runc (seen once under TCG): once more
+                    log.warning("container %s: %s; retrying runc create once", cid, exc)
+                    await self._force_delete(cid)
+                    await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
+                                                     console_socket=stdio.console_path))
                 pid = _read_pid(pid_file)
                 proc = Process(cid, "", pid, self.reaper.watch(pid))
                 stdio.attach(proc)
@@ -125,7 +136,7 @@ class Containers:
                 raise
             container = Container(cid, bundle, Cgroup(config["linux"]["cgroupsPath"]), proc)
             self._containers[cid] = container
-            log.info("created container %s (init pid %d)", cid, pid)
+            log.info("created container %s (init pid %d) in %.1fs", cid, pid, time.monotonic() - started)
             return container
 
     @staticmethod

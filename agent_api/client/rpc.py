@@ -39,7 +39,7 @@ TIMEOUTS: dict[str, float | None] = {
     "UpdateInterface": 30.0, "UpdateRoutes": 30.0, "ListInterfaces": 10.0, "ListRoutes": 10.0,
     "AddARPNeighbors": 30.0,
     # containers
-    "CreateContainer": 60.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
+    "CreateContainer": 120.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
     "PauseContainer": 30.0, "ResumeContainer": 30.0, "UpdateContainer": 30.0,
     "StatsContainer": 10.0,
     # processes
