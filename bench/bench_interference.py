@@ -125,7 +125,7 @@ class Bench:
         from bench.probe.online import Nginx, OnlineGroup, calibrate
         from shim import config as shimcfg
         from shim.resources.qos.detect import detect_driver
-        from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+        from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
         self.bins = build(self.work / "bin")
         self.driver = detect_driver()

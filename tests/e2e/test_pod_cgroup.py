@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cri.client import CriClient, container_config, pod_config
-from tests.e2e.conftest import IMAGE, RUNTIME, shim_processes
+from tests.support.containerd import IMAGE, RUNTIME, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 CG = Path("/sys/fs/cgroup")
