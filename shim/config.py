@@ -94,6 +94,11 @@ class RuntimeConfig:
     admin_gid: int = 0
 
 
+ONLINE_CGROUPS = ("kubepods/burstable", "kubepods/pod*", "kubepods.slice/kubepods-burstable.slice",
+                  "kubepods.slice/kubepods-pod*.slice")
+OFFLINE_CGROUPS = ("kubepods/besteffort", "kubepods.slice/kubepods-besteffort.slice")
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """``[storage]``: the block rootfs layer cache (``layer_image_format`` erofs|ext4, bounded
@@ -115,8 +120,21 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class ColoConfig:
+    """``[colo]``: where sandboxes live in the host cgroup tree and how the tiers are named.
+
+    ``sandbox_cgroup_only`` (kata's name): shim + VMM join the sandbox's OCI cgroupsPath (or
+    ``<cgroup_root>/<id>`` without one), limited to the pod's memory + ``memory_overhead_mib``.
+    ``online_cgroups`` / ``offline_cgroups``: the tiers (paths below each hierarchy root, ``*``
+    globs per component) whose usage the node agent measures; ``cgroup_root`` is always offline.
+    ``root`` / ``vmm`` / ``priorities``: knob tables (shim.resources.qos.model)."""
+
     cgroup_root: str = "kata-colo"
+    sandbox_cgroup_only: bool = True
+    memory_overhead_mib: int = 256
+    online_cgroups: tuple[str, ...] = ONLINE_CGROUPS
+    offline_cgroups: tuple[str, ...] = OFFLINE_CGROUPS
     root: Mapping[str, Any] = field(default_factory=dict)
+    vmm: Mapping[str, Any] = field(default_factory=dict)
     priorities: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -170,6 +188,10 @@ class Config:
                "runtime.internetworking_model must be 'tcfilter' or 'none'")
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.colo.cgroup_root)),
                f"colo.cgroup_root must be a plain cgroup name, not {self.colo.cgroup_root!r}")
+        _check(0 <= self.colo.memory_overhead_mib <= 1 << 20, "colo.memory_overhead_mib must be 0..1048576")
+        for tier in (*self.colo.online_cgroups, *self.colo.offline_cgroups):
+            _check(bool(re.fullmatch(r"[A-Za-z0-9_.@*?+-]+(/[A-Za-z0-9_.@*?+-]+)*", tier.strip("/")))
+                   and ".." not in tier.split("/"), f"colo: bad tier cgroup path {tier!r}")
         for name in self.colo.priorities:
             _check(bool(re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", name)),
                    f"colo.priorities: bad priority name {name!r}")
@@ -261,10 +283,13 @@ def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host
     colo_raw = dict(raw.get("colo", {}))
     priorities = colo_raw.pop("priorities", {})
     root = colo_raw.pop("root", {})
+    vmm = colo_raw.pop("vmm", {})
     colo = _section(ColoConfig, {k: v for k, v in colo_raw.items()}, "colo")
     if not isinstance(priorities, Mapping) or not all(isinstance(v, Mapping) for v in priorities.values()):
         raise ConfigError(f"invalid configuration {source}: [colo.priorities.<name>] must be tables")
-    colo = dataclasses.replace(colo, priorities=dict(priorities), root=dict(root))
+    if not isinstance(root, Mapping) or not isinstance(vmm, Mapping):
+        raise ConfigError(f"invalid configuration {source}: [colo.root] and [colo.vmm] must be tables")
+    colo = dataclasses.replace(colo, priorities=dict(priorities), root=dict(root), vmm=dict(vmm))
     cfg = Config(
         hypervisor=sections.get(runtime.hypervisor) or _default_hypervisor(runtime.hypervisor),
         agent=_section(AgentConfig, raw.get("agent", {}).get("kata", {}), "agent.kata"),
