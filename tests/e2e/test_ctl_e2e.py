@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from shim import config as cfgmod
-from tests.e2e.conftest import IMAGE, RUNTIME
 from tests.e2e.test_kata_colo_e2e import assert_nothing_left
+from tests.support.containerd import IMAGE, RUNTIME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 REPO = Path(__file__).resolve().parents[2]

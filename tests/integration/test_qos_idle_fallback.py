@@ -11,7 +11,7 @@ import pytest
 
 from shim.config import ColoConfig
 from shim.resources.qos import QosConfig, QosManager, detect_driver
-from tests.integration.test_qos_cgroups import spawn_sleeper, tids
+from tests.support.cgroups import spawn_sleeper, tids
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups)")]
 
