@@ -62,7 +62,7 @@ class HypervisorConfig:
     shared_fs: str = "virtio-9p"
     enable_debug: bool = False
     boot_timeout: float = 60.0
-    enable_annotations: tuple[str, ...] = ("default_vcpus", "default_memory")
+    enable_annotations: tuple[str, ...] = ("default_vcpus", "default_memory", "disable_block_device_use")
     disable_block_device_use: bool = False
     hot_plug_vfio: str = "root-port"
     cold_plug_vfio: str = "root-port"
@@ -323,6 +323,10 @@ def load(config_path: str | None = None) -> Config:
     return parse(text, str(path))
 
 
+#: kata's boolean hypervisor annotations kata-colo honours (when listed in enable_annotations)
+_BOOL_ANNOTATIONS = ("disable_block_device_use",)
+
+
 def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
     """Return cfg with the allowed kata hypervisor annotations applied (ConfigError otherwise)."""
     hv = cfg.hypervisor
@@ -333,6 +337,11 @@ def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
         name = key[len(ANNOTATION_HV_PREFIX):]
         if name not in hv.enable_annotations:
             raise ConfigError(f"annotation {key} is not enabled in configuration (enable_annotations)")
+        if name in _BOOL_ANNOTATIONS:
+            if value not in ("true", "false"):
+                raise ConfigError(f"annotation {key}={value!r} must be true or false")
+            changes[name] = value == "true"
+            continue
         if name not in ("default_vcpus", "default_memory", "default_maxvcpus", "default_maxmemory"):
             raise ConfigError(f"annotation {key} is not supported")
         try:
