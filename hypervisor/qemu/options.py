@@ -22,7 +22,10 @@ class QemuOptions:
     share is kept safe by 0700 directories and ``nosuid,nodev`` binds; ``mapped-xattr`` stores
     what the guest writes as plain 0600 files with the owner and mode in xattrs, but then host
     symlinks (every image's /bin) do not resolve in the guest, so it suits only shares that hold
-    no image content."""
+    no image content. ``reclaim_guest_freed_memory`` (kata's key) gives the balloon device free
+    page reporting: pages the guest frees go back to the host. ``tcg_tb_size`` is the TCG
+    translation cache in MiB (0 = QEMU's default, 1 GiB of address space that fills as guest
+    code is translated; smaller costs retranslation)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
 
@@ -34,6 +37,8 @@ class QemuOptions:
     disable_vhost_net: bool = False
     pcie_root_ports: int = 0
     ninep_security_model: str = "none"
+    reclaim_guest_freed_memory: bool = False
+    tcg_tb_size: int = 0
 
     def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
         def check(ok: bool, message: str) -> None:
@@ -47,4 +52,5 @@ class QemuOptions:
         check(not self.pcie_root_ports or self.machine_type == "q35", "pcie_root_ports needs machine_type q35")
         check(self.ninep_security_model in NINEP_SECURITY_MODELS,
               f"ninep_security_model must be one of {NINEP_SECURITY_MODELS}")
+        check(0 <= self.tcg_tb_size <= 4096, "tcg_tb_size must be 0..4096 (MiB)")
         return self
