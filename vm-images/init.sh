@@ -85,6 +85,7 @@ if [ "$selftest" = 1 ]; then
         || echo "kata-colo-selftest: agent layer imports FAILED"
     log "cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
     echo "kata-colo-selftest: runc $(runc --version | head -n1)"
+    echo "kata-colo-selftest: crun $(crun --version | head -n1)"
     log "selftest done uptime=$(cut -d' ' -f1 /proc/uptime)"
 fi
 
