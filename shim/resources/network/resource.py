@@ -2,8 +2,11 @@
 
 Before boot: every veth in the sandbox spec's network namespace gets a tap with tc mirred
 redirects (journaled before each is made), and the taps become the VM's virtio-net NICs. After
-boot: the shim's copies of the tap fds are closed (QEMU holds its own) and the guest gets the
-interfaces, routes and neighbours. Teardown and recovery remove exactly what was added.
+boot: when the VM did not get them at boot (a template clone: ``ctx.plugged_at_boot`` False)
+they are hot-plugged now, each with its veth's MAC, and the guest is told their PCI paths so it
+waits for them; the shim's copies of the tap fds are closed (QEMU holds its own) and the guest
+gets the interfaces, routes and neighbours. Teardown and recovery remove exactly what was added
+(hot-plugged NICs go with the VM).
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import asyncio
 import logging
 from typing import Any, ClassVar
 
-from common.errors import ResourceError
-from hypervisor.base import VmPatch
+from common.errors import FailedPrecondition, ResourceError
+from hypervisor.base import DeviceHotplug, VmPatch
 from shim.resources.manager import ResourceContext
 from shim.resources.network import pod as podnet
 from shim.resources.network.tcfilter import TcFilterNetwork
@@ -49,8 +52,27 @@ class NetworkResource:
     async def after_boot(self, ctx: ResourceContext) -> None:
         if self.pod is None:
             return
+        interfaces, routes, neighbors = self.pod.guest_config()
+        if not ctx.plugged_at_boot:
+            paths = await self._hotplug(ctx)
+            interfaces = [dict(i, devicePath=paths.get(str(i.get("hwAddr", "")).lower(), "")) for i in interfaces]
         self.pod.close_fds()  # QEMU holds its own copies now
-        await ctx.agent.configure_network(*self.pod.guest_config())
+        await ctx.agent.configure_network(interfaces, routes, neighbors)
+
+    async def _hotplug(self, ctx: ResourceContext) -> dict[str, str]:
+        """Attach every NIC to the running VM; {MAC: guest PCI path}. (vhost-net is decided by
+        the driver for cold-plugged NICs only: hot-plugged ones keep QEMU's datapath.)"""
+        assert self.pod is not None
+        hv = ctx.hypervisor
+        if "net" not in hv.capabilities().hotplug or not isinstance(hv, DeviceHotplug):
+            raise FailedPrecondition(f"hypervisor {hv.name} cannot hot-plug NICs into this VM "
+                                     "(set [hypervisor.qemu] pcie_root_ports)")
+        paths: dict[str, str] = {}
+        for nic in self.pod.nics():
+            attached = await hv.add_device(nic)
+            paths[nic.mac.lower()] = attached.guest_pci_path or nic.id
+        log.info("sandbox %s: hot-plugged %d NIC(s)", ctx.sandbox_id, len(paths))
+        return paths
 
     async def teardown(self) -> None:
         if self.pod is not None:
