@@ -28,7 +28,7 @@ import shlex
 import signal
 from typing import Any
 
-from common.errors import DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument
+from common.errors import ConnectionClosed, DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument
 from hypervisor.base import VmConfig, vm_config_from_dict
 from hypervisor.qemu.cmdline import VmPaths
 from hypervisor.qemu.monitor import QmpMonitor
@@ -168,7 +168,10 @@ class SnapshotMixin:
         async def incoming(mon: QmpMonitor, remaining: float) -> None:
             await mon.execute("migrate-set-capabilities", {"capabilities": _CAPABILITY})
             await mon.execute("migrate-incoming", {"uri": exec_in(state)})
-            await wait_migration(mon, remaining, f"restoring the VM from {directory}")
+            try:
+                await wait_migration(mon, remaining, f"restoring the VM from {directory}")
+            except ConnectionClosed:  # QEMU exits when the incoming state does not load
+                raise HypervisorError(f"restoring the VM from {directory} failed: QEMU exited") from None
             status = await mon.query_status()
             if status.get("running"):  # the template was saved paused; a clone must be too
                 await mon.stop()
