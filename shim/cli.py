@@ -2,8 +2,12 @@
 
     <shim> -namespace NS -address A -publish-binary B -id ID [-debug] [-bundle B] start|delete
 
-``start`` binds the group's socket (or finds the group's live shim), re-executes itself as the
-serving daemon with the listening socket as fd 3, writes ``address`` and prints it. ``delete``
+``start`` binds the group's socket (or finds the group's live shim), forks the serving daemon
+(its own session, stdio on /dev/null, the listening socket as fd 3: the child of a fork
+needs no second interpreter start-up and imports what serving needs while containerd reads the
+address), writes ``address`` and prints it. Only ``start`` runs on containerd's critical path
+before the socket answers, so this module imports nothing heavy at the top (asyncio, protobuf
+and the task service load inside ``serve``/``delete``). ``delete``
 releases what persisted state and the sandbox's resource journal say belongs to one id and
 prints a DeleteResponse. ``serve`` is the daemon (internal) and the composition root: it builds
 the one backend (the product's :class:`shim.sandbox.containers.ContainerOps` around its
@@ -13,26 +17,20 @@ tests/fakes/.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import importlib
 import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.errors import Unavailable
-from common.version import VERSION
-from proto.containerd.task.v2 import shim_pb2
-from shim import bootstrap, convert, persist
-from shim import log as shim_log
-from shim.backend import Backend, BackendContext, BackendFactory
+from shim import bootstrap
+
+if TYPE_CHECKING:
+    import socket
+
+    from shim.backend import Backend, BackendContext, BackendFactory
 
 log = logging.getLogger("shim")
 DEFAULT_BACKEND = "shim.sandbox.containers:ContainerOps"
@@ -94,6 +92,10 @@ def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
         return backend_factory
 
     def product(ctx: BackendContext) -> Backend:
+        import importlib
+
+        from common.errors import Unavailable
+
         module, _, attr = DEFAULT_BACKEND.partition(":")
         try:
             cls = getattr(importlib.import_module(module), attr)
@@ -106,7 +108,7 @@ def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
 
 # --- start -----------------------------------------------------------------------------------
 
-def cmd_start(args: Args) -> int:
+def cmd_start(args: Args, factory: BackendFactory) -> int:
     bundle = args.bundle or os.getcwd()
     spec = bootstrap.read_bundle_spec(bundle)
     group = bootstrap.group_id(spec, args.id)
@@ -121,37 +123,59 @@ def cmd_start(args: Args) -> int:
     with contextlib.suppress(OSError, ValueError):
         if not sys.stdin.isatty():
             raw_opts = sys.stdin.buffer.read()
-    try:
-        config_path = convert.runtime_config_path(raw_opts) if raw_opts else ""
-    except Exception:  # noqa: BLE001 - garbage options: default config (stdout/stderr carry only the address)
-        config_path = ""
-    argv = [sys.argv[0], "-namespace", args.namespace, "-address", args.address,
-            "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", bundle,
-            "-group", group, "-config-path", config_path]
-    if args.debug:
-        argv.append("-debug")
-    argv.append("serve")
-    fd = sock.fileno()
+    config_path = ""
+    if raw_opts:
+        from shim import convert
 
-    def child_setup() -> None:
-        os.dup2(fd, LISTEN_FD)
-        os.set_inheritable(LISTEN_FD, True)
-
+        try:
+            config_path = convert.runtime_config_path(raw_opts)
+        except Exception:  # noqa: BLE001 - garbage options: default config (stdout/stderr carry only the address)
+            config_path = ""
+    serve_args = Args(action="serve", namespace=args.namespace, address=args.address,
+                      publish_binary=args.publish_binary, id=args.id, bundle=bundle, group=group,
+                      config_path=config_path, debug=args.debug)
+    sys.stdout.flush()
     try:
-        exe = sys.argv[0] if os.access(sys.argv[0], os.X_OK) else sys.executable
-        cmd = argv if exe == sys.argv[0] else [sys.executable, "-m", "shim", *argv[1:]]
-        subprocess.Popen(cmd, cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, preexec_fn=child_setup, pass_fds=(LISTEN_FD,),
-                         start_new_session=True)
-        bootstrap.write_address(bundle, address)
+        pid = os.fork()
     except BaseException:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
+    if pid == 0:  # the serving daemon
+        code = 1
+        try:
+            _become_daemon(sock, bundle)
+            code = cmd_serve(serve_args, factory)
+        except BaseException:  # noqa: BLE001 - the daemon's last word goes to its log
+            log.exception("shim daemon failed")
+        finally:
+            os._exit(code)
     sock.close()
+    try:
+        bootstrap.write_address(bundle, address)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        raise
     print(address, end="")
     return 0
+
+
+def _become_daemon(sock: socket.socket, bundle: str) -> None:
+    """In the forked child: own session, stdio on /dev/null (containerd reads start's stdout
+    until every writer closed it), the listening socket as fd 3, cwd the bundle."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    fd = sock.detach()
+    if fd != LISTEN_FD:
+        os.dup2(fd, LISTEN_FD)
+        os.close(fd)
+    os.set_inheritable(LISTEN_FD, False)
+    os.chdir(bundle)
 
 
 # --- delete ----------------------------------------------------------------------------------
@@ -169,6 +193,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:
+    import asyncio
+    import shutil
+
+    from shim import persist
+    from shim.backend import BackendContext
+
     spec = bootstrap.read_bundle_spec(bundle)
     group = bootstrap.group_id(spec, args.id)
     sdir = persist.state_dir(group)
@@ -198,6 +228,13 @@ async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:
 
 
 def cmd_delete(args: Args, factory: BackendFactory) -> int:
+    import asyncio
+    import signal
+    from datetime import UTC, datetime
+
+    from proto.containerd.task.v2 import shim_pb2
+    from shim import convert
+
     bundle = args.bundle or os.getcwd()
     try:
         from shim import rootfs
@@ -216,6 +253,10 @@ def cmd_delete(args: Args, factory: BackendFactory) -> int:
 # --- serve -----------------------------------------------------------------------------------
 
 async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> None:
+    import asyncio
+    import signal
+
+    from proto.containerd.task.v2 import shim_pb2
     from shim.events import EventPublisher
     from shim.task_service import TaskService
     from ttrpc import Server
@@ -260,6 +301,12 @@ def _config_debug(config_path: str) -> bool:
 
 
 def cmd_serve(args: Args, factory: BackendFactory) -> int:
+    import asyncio
+    import socket
+
+    from shim import log as shim_log
+    from shim import persist
+
     sock = socket.socket(fileno=LISTEN_FD)
     group = args.group or args.id
     args.debug = args.debug or _config_debug(args.config_path)
@@ -272,11 +319,13 @@ def cmd_serve(args: Args, factory: BackendFactory) -> int:
 def main(argv: list[str] | None = None, backend_factory: BackendFactory | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
+        from common.version import VERSION
+
         print(f"containerd-shim-kata-colo-v2 (kata-colo) {VERSION}")
         return 0
     factory = _load_factory(backend_factory)
     if args.action == "start":
-        return cmd_start(args)
+        return cmd_start(args, factory)
     if args.action == "delete":
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
         return cmd_delete(args, factory)
