@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 APT_PACKAGES := qemu-system-x86 containerd runc containernetworking-plugins busybox-static \
-	kmod cpio e2fsprogs iproute2 iperf3 xz-utils zstd binutils
+	kmod cpio e2fsprogs erofs-utils iproute2 iperf3 xz-utils zstd binutils
 PYTEST_ARGS ?=
 
 MYPY_PACKAGES := common ttrpc shim hypervisor agent_api/client agent_api/oci_codec.py cri

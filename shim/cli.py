@@ -52,6 +52,7 @@ class Args:
     config_path: str = ""
     group: str = ""
     debug: bool = False
+    exec_time: float = 0.0  # when `start` was exec'd (wall clock): logged by serve
     version: bool = False
     extra: list[str] = field(default_factory=list)
 
@@ -133,7 +134,7 @@ def cmd_start(args: Args, factory: BackendFactory) -> int:
             config_path = ""
     serve_args = Args(action="serve", namespace=args.namespace, address=args.address,
                       publish_binary=args.publish_binary, id=args.id, bundle=bundle, group=group,
-                      config_path=config_path, debug=args.debug)
+                      config_path=config_path, debug=args.debug, exec_time=_exec_time())
     sys.stdout.flush()
     try:
         pid = os.fork()
@@ -160,6 +161,20 @@ def cmd_start(args: Args, factory: BackendFactory) -> int:
         raise
     print(address, end="")
     return 0
+
+
+def _exec_time() -> float:
+    """When this process was exec'd, on the wall clock (10 ms resolution; 0 if unknown)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    import time
+
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _become_daemon(sock: socket.socket, bundle: str) -> None:
@@ -276,7 +291,10 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
     server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
     await server.start_unix(sock=sock)
     path = sock.getsockname()
-    log.info("serving sandbox %s on %s (pid %d)", service.sandbox_id, path, os.getpid())
+    import time
+
+    since = f", {(time.time() - args.exec_time) * 1e3:.0f} ms after `start` was exec'd" if args.exec_time else ""
+    log.info("serving sandbox %s on %s (pid %d%s)", service.sandbox_id, path, os.getpid(), since)
     try:
         await stop.wait()
     finally:

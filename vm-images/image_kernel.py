@@ -14,6 +14,8 @@ MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
     "virtio_console", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
     "failover", "net_failover", "virtio_net", "virtio_balloon", "virtio_blk",
+    "crc32c_generic", "erofs",  # the read-only root image (rootfs.erofs, image_rootfs.py); libcrc32c
+    # (an erofs dependency) needs the crc32c algorithm loaded first: a softdep modinfo does not list
 ]
 OPTIONAL_MODULES = ["virtio_mem", "vsock", "vmw_vsock_virtio_transport_common",
                     "vmw_vsock_virtio_transport", "virtio_rng"]
