@@ -1,12 +1,11 @@
 """Hypervisor drivers by name: ``[runtime] hypervisor = "<name>"`` with its ``[hypervisor.<name>]``.
 
-A driver module exports a class implementing :class:`hypervisor.base.Hypervisor` with two class
-attributes the configuration needs before any VM exists:
-
-* ``Options``: a frozen dataclass of the keys only this driver knows (QEMU's machine type, CH's
-  hotplug method, ...), with ``validate()`` raising ConfigError and ``DEFAULT_PATH`` (the binary
-  used when ``path`` is not configured);
-* ``name``: the registry name.
+A driver module exports a class implementing :class:`hypervisor.base.Hypervisor` with the class
+attributes ``name`` (the registry name) and ``Options``: a frozen dataclass of the keys only this
+driver knows (QEMU's machine type, CH's hotplug method, ...), with ``validate(where)`` raising
+ConfigError and ``DEFAULT_PATH`` (the binary used when ``path`` is not configured). The Options
+class lives in a light module of its own (:data:`OPTIONS`) so that reading the configuration
+(the shim's start path, kata-colo-ctl) imports no VMM client.
 
 Drivers are imported lazily: selecting ``qemu`` never imports the Cloud Hypervisor client.
 """
@@ -21,15 +20,18 @@ DRIVERS: dict[str, str] = {
     "qemu": "hypervisor.qemu.driver:QemuHypervisor",
     "clh": "hypervisor.clh.driver:CloudHypervisor",
 }
+OPTIONS: dict[str, str] = {
+    "qemu": "hypervisor.qemu.options:QemuOptions",
+    "clh": "hypervisor.clh.options:ClhOptions",
+}
 
 
 def names() -> tuple[str, ...]:
     return tuple(DRIVERS)
 
 
-def driver_class(name: str) -> Any:
-    """The driver class registered as ``name`` (ConfigError for an unknown name)."""
-    target = DRIVERS.get(name)
+def _load(table: dict[str, str], name: str) -> Any:
+    target = table.get(name)
     if target is None:
         raise ConfigError(f"unknown hypervisor {name!r} (known: {', '.join(DRIVERS)})")
     module, _, attr = target.partition(":")
@@ -39,10 +41,16 @@ def driver_class(name: str) -> Any:
         raise ConfigError(f"hypervisor {name!r} is not available: {exc}") from exc
 
 
+def driver_class(name: str) -> Any:
+    """The driver class registered as ``name`` (ConfigError for an unknown name)."""
+    return _load(DRIVERS, name)
+
+
 def create(name: str) -> Any:
     """A new, unprepared driver instance."""
     return driver_class(name)()
 
 
 def options_class(name: str) -> Any:
-    return driver_class(name).Options
+    """The driver's Options dataclass, without importing the driver."""
+    return _load(OPTIONS, name)

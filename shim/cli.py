@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shim import bootstrap
 
@@ -273,6 +273,8 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
 
     from proto.containerd.task.v2 import shim_pb2
     from shim.events import EventPublisher
+    from shim.mgmt.metrics import timed_service
+    from shim.mgmt.server import write_monitor_address
     from shim.task_service import TaskService
     from ttrpc import Server
 
@@ -287,8 +289,10 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
                           backend_factory=factory, publisher=publisher, config_path=args.config_path,
                           ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""), debug=args.debug,
                           on_shutdown=stop.set)
+    mgmt = _mgmt_server(args, service)
     server = Server()
-    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"], service)
+    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"],
+                            timed_service(service, mgmt.task_rpc))
     await server.start_unix(sock=sock)
     path = sock.getsockname()
     import time
@@ -296,8 +300,14 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
     since = f", {(time.time() - args.exec_time) * 1e3:.0f} ms after `start` was exec'd" if args.exec_time else ""
     log.info("serving sandbox %s on %s (pid %d%s)", service.sandbox_id, path, os.getpid(), since)
     try:
+        await mgmt.start()
+        write_monitor_address(args.bundle or os.getcwd(), mgmt.address)
+    except Exception:  # noqa: BLE001 - the Task API serves without the management socket
+        log.exception("management socket %s not started", mgmt.path)
+    try:
         await stop.wait()
     finally:
+        await mgmt.close()
         await server.close()
         await service.close()
         await publisher.close()
@@ -307,13 +317,33 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
         log.info("shim exiting")
 
 
+def _mgmt_server(args: Args, service: Any) -> Any:
+    """The management server (shim.mgmt) over the Task service's sandbox handle and table."""
+    from shim import config
+    from shim.mgmt.server import MgmtServer
+
+    try:
+        cfg = config.load(args.config_path or None)
+        admin_gid, debug_console = cfg.runtime.admin_gid, cfg.agent.debug_console_enabled
+    except Exception:  # noqa: BLE001 - reported by Create; management stays root-only meanwhile
+        admin_gid, debug_console = 0, False
+    return MgmtServer(sandbox_id=service.sandbox_id, state_dir=str(service.state_dir),
+                      sandbox=getattr(service.backend, "sandbox", None), table=service.table,
+                      admin_gid=admin_gid, debug_console_enabled=debug_console)
+
+
 def _config_debug(config_path: str) -> bool:
     """``[runtime] enable_debug`` of the configuration this shim will use (False when it does
-    not load: the first Create reports why)."""
+    not read: the first Create validates the file and reports why). Only the TOML is read here,
+    on the daemon's start path."""
+    import tomllib
+
     from shim import config
 
     try:
-        return config.load(config_path or None).runtime.enable_debug
+        path = config.resolve_path(config_path or None)
+        raw = tomllib.loads(path.read_text()) if path is not None else {}
+        return raw.get("runtime", {}).get("enable_debug") is True
     except Exception:  # noqa: BLE001 - reported by Create, not here
         return False
 

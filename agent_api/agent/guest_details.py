@@ -1,13 +1,12 @@
-"""Guest-wide facts and knobs: CPU/memory onlining, GetGuestDetails, Prometheus metrics."""
+"""Guest-wide facts and knobs: CPU/memory onlining, GetGuestDetails, Prometheus metrics (the
+latter in :mod:`agent_api.agent.guest_metrics`)."""
 from __future__ import annotations
 
 import asyncio
 import glob
 import os
-import resource
-import time
 
-from agent_api.agent import AGENT_VERSION
+from agent_api.agent import AGENT_VERSION, guest_metrics
 from proto.kata import agent_pb2
 
 SYS_CPU = "/sys/devices/system/cpu"
@@ -88,50 +87,6 @@ def guest_details(req: agent_pb2.GuestDetailsRequest, *, sys_mem: str = SYS_MEM)
     return resp
 
 
-def _metric(lines: list[str], name: str, kind: str, help_: str, value: float,
-            labels: str = "") -> None:
-    lines.append(f"# HELP {name} {help_}")
-    lines.append(f"# TYPE {name} {kind}")
-    lines.append(f"{name}{labels} {value}")
-
-
 def metrics_text(proc: str = "/proc") -> str:
-    """Prometheus exposition of the agent process and guest-wide /proc figures."""
-    lines: list[str] = []
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    _metric(lines, "kata_agent_process_cpu_seconds_total", "counter",
-            "CPU time of the agent", ru.ru_utime + ru.ru_stime)
-    status = {k: v for k, _, v in (ln.partition(":") for ln in _read(f"{proc}/self/status").splitlines())}
-    rss_kb = status.get("VmRSS", "0 kB").split()[0]
-    _metric(lines, "kata_agent_process_resident_memory_bytes", "gauge",
-            "resident memory of the agent", int(rss_kb) * 1024 if rss_kb.isdigit() else 0)
-    try:
-        fds = len(os.listdir(f"{proc}/self/fd"))
-    except OSError:
-        fds = 0
-    _metric(lines, "kata_agent_process_open_fds", "gauge", "open fds of the agent", fds)
-    _metric(lines, "kata_agent_scrape_timestamp_seconds", "gauge", "time of this scrape", time.time())
-    load = _read(f"{proc}/loadavg").split()
-    for i, label in enumerate(("1", "5", "15")):
-        if len(load) > i:
-            _metric(lines, f"kata_guest_load{label}", "gauge", f"{label}-minute load average",
-                    float(load[i]))
-    mem = {}
-    for line in _read(f"{proc}/meminfo").splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            mem[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
-    lines.append("# HELP kata_guest_meminfo guest /proc/meminfo in bytes")
-    lines.append("# TYPE kata_guest_meminfo gauge")
-    for key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached", "SwapTotal", "SwapFree"):
-        if key in mem:
-            lines.append(f'kata_guest_meminfo{{item="{key}"}} {mem[key]}')
-    stat = _read(f"{proc}/stat").splitlines()
-    if stat and stat[0].startswith("cpu "):
-        names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
-        lines.append("# HELP kata_guest_cpu_time_seconds_total guest CPU time by mode")
-        lines.append("# TYPE kata_guest_cpu_time_seconds_total counter")
-        for name, ticks in zip(names, stat[0].split()[1:]):
-            lines.append(f'kata_guest_cpu_time_seconds_total{{mode="{name}"}} {int(ticks) / 100}')
-    return "\n".join(lines) + "\n"
+    """GetMetrics: kata's kata_agent_* and kata_guest_* families (:mod:`agent_api.agent.guest_metrics`)."""
+    return guest_metrics.metrics_text(proc)

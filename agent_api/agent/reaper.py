@@ -111,7 +111,8 @@ def spawn(argv: list[str], *, stdin: int | None = None, stdout: int | None = Non
 
 
 async def run(reaper: Reaper, argv: list[str], *, input: bytes | None = None,
-              timeout: float | None = 60.0, max_output: int = 4 << 20) -> RunResult:
+              timeout: float | None = 60.0, max_output: int = 4 << 20,
+              env: dict[str, str] | None = None) -> RunResult:
     """Run a command to completion, capturing stdout/stderr (each bounded by max_output)."""
     from agent_api.agent.fdio import FdReader, FdWriter
 
@@ -119,7 +120,7 @@ async def run(reaper: Reaper, argv: list[str], *, input: bytes | None = None,
     err_r, err_w = os.pipe()
     in_r, in_w = os.pipe() if input is not None else (None, None)
     try:
-        pid = spawn(argv, stdin=in_r, stdout=out_w, stderr=err_w)
+        pid = spawn(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env)
     except OSError as exc:
         for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
             if fd is not None:

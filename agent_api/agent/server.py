@@ -13,6 +13,8 @@ from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.cgroups import remove_parent
 from agent_api.agent.colo import Colo, ColoService
 from agent_api.agent.containers import Containers
+from agent_api.agent.debug_exec import DebugService
+from agent_api.agent.debug_exec import enabled as debug_enabled
 from agent_api.agent.guest_process import StreamEOF
 from agent_api.agent.guest_sandbox import Sandbox
 from agent_api.agent.network import Network
@@ -21,7 +23,7 @@ from agent_api.agent.runc import Runc
 from agent_api.agent.service import AgentService, HealthService
 from common.errors import to_status
 from proto.kata import agent_pb2, health_pb2
-from proto.kata_colo import colo_pb2
+from proto.kata_colo import colo_pb2, debug_pb2
 from ttrpc import Server, open_fd_stream
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ class Agent:
                                                   colo=self.colo))
         self.server.register_service(colo_pb2.DESCRIPTOR.services_by_name["Colo"], ColoService(self.colo))
         self.server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
+        if debug_enabled():  # agent.debug_console on the kernel command line
+            self.server.register_service(debug_pb2.DESCRIPTOR.services_by_name["Debug"], DebugService(self.reaper))
         self._tasks: list[asyncio.Task[None]] = []
         self._vsock_server: asyncio.base_events.Server | None = None
 

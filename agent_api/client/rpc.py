@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterable
-from typing import TypeVar
+import time
+from collections.abc import Callable, Iterable
+from typing import ClassVar, TypeVar
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -19,12 +20,13 @@ from google.protobuf.message import Message
 from agent_api.client import transport
 from common.errors import AgentError, DeadlineExceeded, Internal, Unavailable
 from proto.kata import agent_pb2, health_pb2, oci_pb2, types_pb2
-from proto.kata_colo import colo_pb2
+from proto.kata_colo import colo_pb2, debug_pb2
 from ttrpc import Client, framing
 
 AGENT_SERVICE = "grpc.AgentService"
 HEALTH_SERVICE = "grpc.Health"
 COLO_SERVICE = "kata_colo.v1.Colo"
+DEBUG_SERVICE = "kata_colo.v1.Debug"
 EOF_MESSAGES = ("eof", "read meet eof")
 DEFAULT_READ = 32 << 10
 M = TypeVar("M", bound=Message)
@@ -38,7 +40,7 @@ TIMEOUTS: dict[str, float | None] = {
     "UpdateInterface": 30.0, "UpdateRoutes": 30.0, "ListInterfaces": 10.0, "ListRoutes": 10.0,
     "AddARPNeighbors": 30.0,
     # containers
-    "CreateContainer": 60.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
+    "CreateContainer": 120.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
     "PauseContainer": 30.0, "ResumeContainer": 30.0, "UpdateContainer": 30.0,
     "StatsContainer": 10.0,
     # processes
@@ -50,7 +52,9 @@ TIMEOUTS: dict[str, float | None] = {
     "Check": 5.0, "Version": 5.0,
     # kata-colo extension
     "SetVcpuPriorities": 30.0,
+    "Exec": 35.0,  # debug_exec passes the command's own timeout + EXEC_GRACE
 }
+EXEC_GRACE = 5.0
 
 
 def _is_eof(exc: Internal) -> bool:
@@ -58,6 +62,10 @@ def _is_eof(exc: Internal) -> bool:
 
 
 class AgentClient:
+    #: Observer of every bounded RPC (method, seconds), the blocking ones (TIMEOUTS None) left
+    #: out: process-wide, installed by the shim's composition root for its latency metrics.
+    call_observer: ClassVar[Callable[[str, float], None] | None] = None
+
     def __init__(self, address: str, *, connect_timeout: float = 30.0) -> None:
         self.address = transport.parse_address(address)
         self.connect_timeout = connect_timeout
@@ -95,7 +103,14 @@ class AgentClient:
             await self.connect()
         assert self._client is not None
         limit = TIMEOUTS[method] if timeout is None else timeout
-        return await self._client.call(service, method, request, response_type, timeout=limit)
+        observer = AgentClient.call_observer if TIMEOUTS[method] is not None else None
+        if observer is None:
+            return await self._client.call(service, method, request, response_type, timeout=limit)
+        started = time.perf_counter()
+        try:
+            return await self._client.call(service, method, request, response_type, timeout=limit)
+        finally:
+            observer(method, time.perf_counter() - started)
 
     async def _agent(self, method: str, request: Message, response_type: type[M] = empty_pb2.Empty,
                      **kw: float | None) -> M:
@@ -162,9 +177,11 @@ class AgentClient:
     # -- containers -------------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: oci_pb2.Spec, *,
                                storages: Iterable[agent_pb2.Storage] = (),
+                               devices: Iterable[agent_pb2.Device] = (),
                                sandbox_pidns: bool = False) -> None:
         await self._agent("CreateContainer", agent_pb2.CreateContainerRequest(
-            container_id=container_id, OCI=spec, storages=list(storages), sandbox_pidns=sandbox_pidns))
+            container_id=container_id, OCI=spec, storages=list(storages), devices=list(devices),
+            sandbox_pidns=sandbox_pidns))
 
     async def start_container(self, container_id: str) -> None:
         await self._agent("StartContainer", agent_pb2.StartContainerRequest(container_id=container_id))
@@ -241,6 +258,14 @@ class AgentClient:
         for name, vcpus in mapping.items():
             req.priorities[name].vcpus.extend(vcpus)
         await self._call(COLO_SERVICE, "SetVcpuPriorities", req, empty_pb2.Empty)
+
+    async def debug_exec(self, argv: Iterable[str], *, stdin: bytes = b"", timeout: int = 30,
+                         env: Iterable[str] = ()) -> debug_pb2.ExecResponse:
+        """Run ``argv`` in the guest outside any container (kata_colo.v1.Debug/Exec; the guest
+        serves it only with agent.debug_console on its kernel command line)."""
+        req = debug_pb2.ExecRequest(argv=list(argv), stdin=stdin, timeout_seconds=timeout, env=list(env))
+        return await self._call(DEBUG_SERVICE, "Exec", req, debug_pb2.ExecResponse,
+                                timeout=(timeout or 30) + EXEC_GRACE)
 
     # -- health -----------------------------------------------------------------------------
     async def check(self) -> bool:

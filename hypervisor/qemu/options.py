@@ -9,6 +9,8 @@ from hypervisor.host import ACCELS
 
 MACHINES = ("q35", "pc")
 NINEP_SECURITY_MODELS = ("none", "mapped-xattr")
+#: kata's ``block_device_driver`` values QEMU serves here (the container rootfs disks).
+BLOCK_DEVICE_DRIVERS = ("virtio-blk", "virtio-scsi")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class QemuOptions:
     no image content. ``reclaim_guest_freed_memory`` (kata's key) gives the balloon device free
     page reporting: pages the guest frees go back to the host. ``tcg_tb_size`` is the TCG
     translation cache in MiB (0 = QEMU's default, 1 GiB of address space that fills as guest
-    code is translated; smaller costs retranslation)."""
+    code is translated; smaller costs retranslation). ``block_device_driver`` (kata's key) is the controller of the block rootfs
+    disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
+    ``virtio-scsi`` (LUNs on one controller created at boot; hot-plug needs no port)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
 
@@ -39,6 +43,7 @@ class QemuOptions:
     ninep_security_model: str = "none"
     reclaim_guest_freed_memory: bool = False
     tcg_tb_size: int = 0
+    block_device_driver: str = "virtio-blk"
 
     def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
         def check(ok: bool, message: str) -> None:
@@ -53,4 +58,6 @@ class QemuOptions:
         check(self.ninep_security_model in NINEP_SECURITY_MODELS,
               f"ninep_security_model must be one of {NINEP_SECURITY_MODELS}")
         check(0 <= self.tcg_tb_size <= 4096, "tcg_tb_size must be 0..4096 (MiB)")
+        check(self.block_device_driver in BLOCK_DEVICE_DRIVERS,
+              f"block_device_driver must be one of {BLOCK_DEVICE_DRIVERS}")
         return self

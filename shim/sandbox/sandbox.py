@@ -94,6 +94,7 @@ class Sandbox:
         self.vm_exit_status: int | None = None
         self._rctx: ResourceContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop_lock = asyncio.Lock()
         self._hypervisor_factory = hypervisor_factory
         self._agent_factory = agent_factory
 
@@ -176,8 +177,14 @@ class Sandbox:
         return task
 
     async def stop(self) -> None:
-        """Stop the VM and release every resource (idempotent). Raises ResourceError naming the
-        resources that could not be released (they stay journaled for ``delete``)."""
+        """Stop the VM and release every resource (idempotent; concurrent callers — e.g. two
+        containers' Deletes after the VM died — wait for the one teardown). Raises
+        ResourceError naming the resources that could not be released (they stay journaled for
+        ``delete``)."""
+        async with self._stop_lock:
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self.state in (State.NEW, State.STOPPED):
             self.state = State.STOPPED
             return
