@@ -54,7 +54,7 @@ def _toml(node, work: Path, *, lean: bool, runtime: str = "runc", template: str 
 path = "{hv.binary}"
 kernel = "{hv.kernel}"
 {disk}
-pcie_root_ports = 1
+pcie_root_ports = 4
 tcg_tb_size = {(TB_MIB if lean else 0) if tb is None else tb}
 reclaim_guest_freed_memory = {str(reclaim).lower()}
 

@@ -3,9 +3,10 @@
 A driver (``hypervisor.qemu``, ``hypervisor.clh``) implements the small core protocol
 :class:`Hypervisor`; what only some VMMs can do is a separate capability protocol the sandbox asks
 for with ``isinstance`` (:class:`PauseResume`, :class:`DeviceHotplug`, :class:`MemoryControl`,
-:class:`Snapshot`, :class:`VmmMetrics`, :class:`GuestConsole`). Everything here is VMM-neutral: no QMP, no REST. A
-driver's own ``[hypervisor.<name>]`` options travel in :attr:`VmConfig.options` as the driver's
-dataclass; drivers are found by name in :mod:`hypervisor.registry`.
+:class:`Snapshot`, :class:`HandOver`, :class:`VmmMetrics`, :class:`GuestConsole`). Everything here
+is VMM-neutral: no QMP, no REST. A driver's own ``[hypervisor.<name>]`` options travel in
+:attr:`VmConfig.options` as the driver's dataclass; drivers are found by name in
+:mod:`hypervisor.registry`.
 
 Lifecycle: ``prepare(cfg)`` → ``start(timeout)`` → (capabilities) → ``stop()`` → ``cleanup()``;
 ``wait()`` resolves whenever the VMM process exits, also when it dies on its own. ``cleanup()`` is
@@ -195,6 +196,7 @@ class Capabilities:
     hotplug: tuple[str, ...] = ()            # device kinds hot-pluggable now: net, block, vfio
     multiqueue_net: bool = False
     memory: tuple[str, ...] = ()             # memory mechanisms: virtio-mem, balloon, dimm
+    clone_memory_file: bool = False          # clones restore over a template's memory file
 
 
 @dataclass(frozen=True)
@@ -296,25 +298,28 @@ class MemoryControl(Protocol):
 
 @runtime_checkable
 class Snapshot(Protocol):
-    """VM templating and hand-over (kata's factory): save a booted VM, start clones of it, and
-    pass a running VM from one process to another (the pre-booted VM cache).
+    """Save a VM and start VMs from what was saved (kata's factory templates).
 
-    ``save`` needs the VM's RAM in a shared ``memory_file`` (the VMM writes only device state);
-    a clone is ``prepare(cfg)`` with the same ``memory_file`` (``memory_shared=False``) and the
-    same devices, then ``restore(directory)`` instead of ``start``. ``release`` → (another
-    process) ``adopt(record)`` moves the control of a running VM: the releasing side closes its
-    control channel and keeps nothing that would stop the VM; the adopting side verifies the
-    record names a live VMM of this driver before it touches it, and from then on ``stop``,
-    ``cleanup``, ``wait`` and the capabilities work as for a VM it started (``wait`` returns
-    255 when the VMM is not its child: the exit status belongs to the parent)."""
+    With QEMU the VM's RAM is a shared ``memory_file`` (``save`` writes only device state) and a
+    clone is ``prepare(cfg)`` with the same ``memory_file`` (``memory_shared=False``) and the
+    same devices, then ``restore`` instead of ``start`` (``Capabilities.clone_memory_file``)."""
 
     async def save(self, directory: str) -> None:
         """Pause and write the VM's device state (and memory, where the VMM owns it) under
         ``directory``; the VM stays paused."""
 
-    async def restore(self, directory: str, timeout: float) -> None:
-        """Launch the prepared VM from the state ``save`` wrote under ``directory``; it is left
-        paused (``PauseResume.resume`` runs it). On failure nothing of it is left running."""
+    async def restore(self, directory: str, timeout: float, resume: bool = True) -> None:
+        """Launch the prepared VM from the state ``save`` wrote under ``directory``: running
+        when ``resume``, else paused. On failure nothing of it is left running."""
+
+
+@runtime_checkable
+class HandOver(Protocol):
+    """Pass a running VM from one process to another (the pre-booted VM cache): the releasing
+    side closes its control channel and keeps nothing that would stop the VM; the adopting side
+    verifies the record names a live VMM of this driver before it touches it, and from then on
+    ``stop``, ``cleanup``, ``wait`` and the capabilities work as for a VM it started (``wait``
+    returns 255 when the VMM is not its child: the exit status belongs to the parent)."""
 
     async def release(self) -> dict[str, Any]:
         """Give up control of the running VM (it keeps running); the record to adopt it by."""

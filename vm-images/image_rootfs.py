@@ -8,10 +8,11 @@ the guest can drop), and the boot initrd is just busybox, the kernel modules and
 
 - ``rootfs.erofs``: the base root tree + the agent layer (``/opt/kata-colo``), uncompressed
   EROFS (decompression is slow under TCG), with ``/.kata-colo-image`` marking it;
-- ``initrd-boot.cpio``: ``/init`` (init.sh), busybox-static with its applet links, the modules of
-  ``load.order``. Booted with ``root=/dev/vda`` (the driver's ``image`` disk), init loads the
-  modules, mounts the image read-only and switch_roots into it, where the same init.sh runs the
-  usual steps (tmpfs /run, /tmp, /dev/shm; cgroup2; the agent) without reloading modules.
+- ``initrd-boot.cpio``: ``/init`` (init.sh), busybox-static with its applet links, the modules
+  mounting the image needs (:data:`BOOT_MODULES`). Booted with ``root=/dev/vda`` (the driver's
+  ``image`` disk), init loads them, mounts the image read-only and switch_roots into it, where
+  the same init.sh runs the usual steps (tmpfs /run, /tmp, /dev/shm; cgroup2; the rest of the
+  modules; the agent).
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from image_common import HERE, run, say
 from image_cpio import Cpio
 
 IMAGE_MARKER = ".kata-colo-image"
+#: What mounting the root image needs (in load.order's order); init.sh loads the rest from the
+#: image after switch_root.
+BOOT_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+                "virtio_blk", "crc32c_generic", "libcrc32c", "erofs")
 
 
 def build_rootfs_image(base_root: Path, agent_cpio_tree: Path, out: Path) -> int:
@@ -60,7 +65,15 @@ def build_boot_initrd(base_root: Path, out: Path) -> int:
             if a != "bin/busybox" and not p.exists() and a != "linuxrc":
                 p.parent.mkdir(parents=True, exist_ok=True)
                 p.symlink_to(os.path.relpath(root / "bin/busybox", p.parent))
-        shutil.copytree(base_root / "lib/modules/kata-colo", root / "lib/modules/kata-colo")
+        src, dst = base_root / "lib/modules/kata-colo", root / "lib/modules/kata-colo"
+        dst.mkdir(parents=True)
+        order = [m for m in (src / "load.order").read_text().split() if m in BOOT_MODULES]
+        missing = set(BOOT_MODULES) - set(order)
+        if missing:
+            raise SystemExit(f"boot initrd: modules {sorted(missing)} not in load.order")
+        for m in order:
+            shutil.copy2(src / f"{m}.ko", dst / f"{m}.ko")
+        (dst / "load.order").write_text("\n".join(order) + "\n")
         shutil.copy(HERE / "init.sh", root / "init")
         os.chmod(root / "init", 0o755)
         with open(out, "wb") as f:

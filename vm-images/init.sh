@@ -79,17 +79,16 @@ for c in cpu cpuset memory pids; do
     echo "+$c" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || log "cgroup controller $c unavailable"
 done
 
-# kernel modules, dependency order computed at build time (the boot initrd of a root image
-# loaded them already)
-if [ ! -e /.kata-colo-image ]; then
-    n=0
-    while read -r m; do
-        [ -n "$m" ] || continue
-        if insmod "/lib/modules/kata-colo/$m.ko" 2>/dev/null; then n=$((n+1)); else log "insmod $m failed"; fi
-        [ "$debug" = 1 ] && log "insmod $m done uptime=$(cut -d' ' -f1 /proc/uptime)"
-    done < /lib/modules/kata-colo/load.order
-    log "modules loaded: $n"
-fi
+# kernel modules, dependency order computed at build time (those the boot initrd of a root image
+# loaded already are skipped)
+n=0
+while read -r m; do
+    [ -n "$m" ] || continue
+    [ -e "/sys/module/$m" ] && continue
+    if insmod "/lib/modules/kata-colo/$m.ko" 2>/dev/null; then n=$((n+1)); else log "insmod $m failed"; fi
+    [ "$debug" = 1 ] && log "insmod $m done uptime=$(cut -d' ' -f1 /proc/uptime)"
+done < /lib/modules/kata-colo/load.order
+log "modules loaded: $n"
 
 ip link set lo up
 hostname kata-colo 2>/dev/null

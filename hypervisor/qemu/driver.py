@@ -126,7 +126,8 @@ class QemuHypervisor(HotplugMixin, MemoryMixin, SnapshotMixin):
                             block_drivers=cmdline.BLOCK_DRIVERS,
                             hotplug=("net", "block", "vfio") if opts.pcie_root_ports else (),
                             multiqueue_net=True,
-                            memory=self.memory_mechanisms() if self._cfg is not None else ())
+                            memory=self.memory_mechanisms() if self._cfg is not None else (),
+                            clone_memory_file=True)
 
     def accel(self) -> str:
         """The accelerator the VM runs (or would run) with on this host: kvm or tcg."""
@@ -214,7 +215,7 @@ class QemuHypervisor(HotplugMixin, MemoryMixin, SnapshotMixin):
                 raise
             raise
         log.info("qemu for %s up (pid %d) in %.2fs%s", cfg.vm_id, proc.pid, loop.time() - t0,
-                 " (restored, paused)" if ready is not None else "")
+                 " (restored)" if ready is not None else "")
 
     def _track(self, proc: asyncio.subprocess.Process | AdoptedProcess) -> None:
         cfg, paths = self._require_prepared()

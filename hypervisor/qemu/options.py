@@ -27,8 +27,8 @@ class QemuOptions:
     no image content. ``reclaim_guest_freed_memory`` (kata's key) gives the balloon device free
     page reporting: pages the guest frees go back to the host. ``tcg_tb_size`` is the TCG
     translation cache in MiB (0 = QEMU's default, 1 GiB of address space that fills as guest
-    code is translated; smaller costs retranslation). ``block_device_driver`` (kata's key) is the controller of the block rootfs
-    disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
+    code is translated; smaller costs retranslation). ``block_device_driver`` (kata's key) is
+    the controller of the block rootfs disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
     ``virtio-scsi`` (LUNs on one controller created at boot; hot-plug needs no port)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"

@@ -1,4 +1,5 @@
-"""VM templating and hand-over for QEMU (the :class:`hypervisor.base.Snapshot` capability).
+"""VM templating and hand-over for QEMU (the :class:`hypervisor.base.Snapshot` and
+:class:`hypervisor.base.HandOver` capabilities).
 
 - **save**: the VM's RAM is a shared ``memory-backend-file`` (``VmConfig.memory_file`` with
   ``memory_shared``), so only device state is written: ``stop``, migration capability
@@ -8,8 +9,8 @@
   CreateSandbox.
 - **restore**: the clone's argv is the template's with the same memory file mapped private
   (copy-on-write) plus ``-incoming defer``; then the same capability and ``migrate-incoming
-  exec:cat <dir>/state``. The VM stays paused (the source was), so the caller resets its
-  identity right after ``cont``. Device ids, PCI layout and machine options must equal the
+  exec:cat <dir>/state``. The VM comes back paused (the source was) and is resumed unless the
+  caller asks otherwise (the cache keeps it paused). Device ids, PCI layout and machine options must equal the
   template's — the factory (:mod:`shim.factory`) keys templates by them.
 - **release / adopt**: a process that did not start the QEMU (a shim taking a VM from the
   pre-booted cache) verifies the recorded pid is a live QEMU whose argv names this VM's pidfile,
@@ -157,7 +158,7 @@ class SnapshotMixin:
         await mon.execute("migrate", {"uri": exec_out(os.path.join(directory, STATE_FILE))})
         await wait_migration(mon, timeout, "saving the VM state")
 
-    async def restore(self, directory: str, timeout: float) -> None:
+    async def restore(self, directory: str, timeout: float, resume: bool = True) -> None:
         cfg, _ = self._require_prepared()
         if not cfg.memory_file or cfg.memory_shared:
             raise FailedPrecondition("a clone maps the template's memory file private (memory_shared=False)")
@@ -173,7 +174,9 @@ class SnapshotMixin:
             except ConnectionClosed:  # QEMU exits when the incoming state does not load
                 raise HypervisorError(f"restoring the VM from {directory} failed: QEMU exited") from None
             status = await mon.query_status()
-            if status.get("running"):  # the template was saved paused; a clone must be too
+            if resume and not status.get("running"):
+                await mon.cont()
+            elif not resume and status.get("running"):  # the template was saved paused
                 await mon.stop()
 
         await self._launch(self._incoming_argv(), timeout, incoming)

@@ -38,7 +38,7 @@ from google.protobuf import empty_pb2
 
 from common.errors import FailedPrecondition, KataColoError, NotFound
 from hypervisor import registry
-from hypervisor.base import Hypervisor, SharedDir, Snapshot, VmConfig
+from hypervisor.base import HandOver, Hypervisor, SharedDir, Snapshot, VmConfig
 from proto.kata_colo import cache_pb2
 from shim.factory import key as keymod
 from shim.factory import vmdir
@@ -152,7 +152,7 @@ class VmCacheServer:
             self._own(vm_id, hv)
             for share in shares:
                 os.makedirs(share.host_path, mode=0o700, exist_ok=True)
-            await hv.restore(str(info.path), timeout=RESTORE_TIMEOUT)
+            await hv.restore(str(info.path), timeout=RESTORE_TIMEOUT, resume=False)
             self._own(vm_id, hv)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -199,7 +199,8 @@ class VmCacheServer:
                 log.warning("vmcache: VM %s died while cached", vm.id)
                 await self._destroy(vm)
                 continue
-            vm.record = await vm.hv.release()  # type: ignore[attr-defined]
+            assert isinstance(vm.hv, HandOver)
+            vm.record = await vm.hv.release()
             vm.state = "leased"
             self.leased[vm.id] = vm
             self._spawn(self._expire(vm))

@@ -3,12 +3,14 @@ clone of the template, or a cold boot (kata's factory: cache → template → di
 
 :meth:`VmFactory.start_vm` runs after the sandbox's resources' before-boot phase, with the VM
 config they shaped. A clone is possible when the VM's shape (:mod:`shim.factory.key`) equals
-the template's and nothing needs the boot command line (cold-plugged disks, VFIO, a vsock
-agent channel, free page reporting); its NICs are hot-plugged by the network resource after
-resume (the caller sets ``plugged_at_boot`` from the returned kind), each needing a free PCIe
-root port. Every decision not to clone is one log line saying why; every failure of a clone
-(a template that turns out truncated, a cached VM that died) falls back to a cold boot on a
-fresh driver instance after the failed one released everything.
+the template's, the driver restores over a memory file, and every device the resources asked
+for can be hot-plugged (a free PCIe root port each; not virtio-scsi LUNs, a vsock agent
+channel, or free page reporting): the clone starts with the template's devices only and gets
+the pod's NICs, disks and VFIO functions hot-plugged right after it resumes. Their guest PCI
+paths are returned (the network resource tells the guest to wait for the NIC at that path).
+Every decision not to clone is one log line saying why; every failure of a clone (a template
+that turns out truncated, a cached VM that died, a device that does not plug) falls back to a
+cold boot on a fresh driver instance after the failed one released everything.
 
 The caller's ``journal(driver, record)`` is called with each VM record before the VM's process
 exists (cold, template) or before this process touches it (cache: before ConfirmVM), so
@@ -33,7 +35,17 @@ from agent_api.client.rpc import AgentClient
 from common.errors import KataColoError
 from common.guest_paths import SHARE_TAG
 from hypervisor import registry
-from hypervisor.base import DeviceHotplug, Hypervisor, PauseResume, SharedDir, Snapshot, VmConfig
+from hypervisor.base import (
+    AttachedDevice,
+    Device,
+    DeviceHotplug,
+    HandOver,
+    Hypervisor,
+    PauseResume,
+    SharedDir,
+    Snapshot,
+    VmConfig,
+)
 from shim.factory import key as keymod
 from shim.factory import vmdir
 from shim.factory.template import Template, TemplateInfo, TemplateUnusable, base_config
@@ -42,6 +54,7 @@ log = logging.getLogger(__name__)
 
 COLD, TEMPLATE, CACHE = "cold", "template", "cache"
 Journal = Callable[[str, dict[str, Any]], None]
+Attached = dict[str, AttachedDevice]
 
 
 async def agent_ready(hv: Hypervisor, timeout: float) -> None:
@@ -70,6 +83,11 @@ def free_root_ports(hv: Hypervisor, cfg: VmConfig) -> int:
     return int(getattr(opts, "pcie_root_ports", 0)) if isinstance(hv, DeviceHotplug) else 0
 
 
+def hot_plugged(cfg: VmConfig) -> list[Device]:
+    """The devices a clone of ``cfg`` gets after it resumes (the template has none of them)."""
+    return [*cfg.nics, *cfg.disks, *cfg.vfio]
+
+
 class VmFactory:
     def __init__(self, cfg: Any, *, sandbox_id: str = "",
                  hypervisor_factory: Callable[[str], Hypervisor] = registry.create,
@@ -91,8 +109,9 @@ class VmFactory:
     # -- the one entry point ------------------------------------------------------------------
 
     async def start_vm(self, hv: Hypervisor, vmcfg: VmConfig, journal: Journal, boot_timeout: float
-                       ) -> tuple[Hypervisor, str]:
-        """Start the sandbox's VM; (the driver instance running it, how: cold/template/cache)."""
+                       ) -> tuple[Hypervisor, str, Attached]:
+        """Start the sandbox's VM: (the driver instance running it, how — cold/template/cache —,
+        the devices hot-plugged into a clone by id with their guest PCI paths)."""
         if self.enabled:
             why = self.clone_blockers(hv, vmcfg)
             if why:
@@ -102,28 +121,30 @@ class VmFactory:
                 if self.cfg.factory.vm_cache_number > 0:
                     cached = await self._from_cache(vmcfg, want, journal)
                     if cached is not None:
-                        return cached, CACHE
-                if await self._from_template(hv, vmcfg, want, journal, boot_timeout):
-                    return hv, TEMPLATE
+                        return cached[0], CACHE, cached[1]
+                attached = await self._from_template(hv, vmcfg, want, journal, boot_timeout)
+                if attached is not None:
+                    return hv, TEMPLATE, attached
                 hv = self._hypervisor_factory(self.driver)  # the failed one released everything
         await hv.prepare(vmcfg)
         journal(hv.name, hv.record())
         await hv.start(timeout=boot_timeout)
         journal(hv.name, hv.record())
-        return hv, COLD
+        return hv, COLD, {}
 
     def clone_blockers(self, hv: Hypervisor, vmcfg: VmConfig) -> list[str]:
         why = keymod.clone_blockers(vmcfg)
-        if not isinstance(hv, Snapshot) or not isinstance(hv, PauseResume):
-            why.append(f"hypervisor {hv.name} cannot restore saved VMs")
+        if not isinstance(hv, Snapshot) or not hv.capabilities().clone_memory_file:
+            why.append(f"hypervisor {hv.name} cannot restore clones over a template's memory file")
         if getattr(vmcfg.options, "reclaim_guest_freed_memory", False):
             why.append("reclaim_guest_freed_memory is on (free page reporting would punch holes "
                        "in the shared template file)")
-        if vmcfg.nics and free_root_ports(hv, vmcfg) < len(vmcfg.nics):
-            why.append(f"{len(vmcfg.nics)} NIC(s) to hot-plug but pcie_root_ports = "
-                       f"{free_root_ports(hv, vmcfg)}")
+        devices = hot_plugged(vmcfg)
+        ports = free_root_ports(hv, vmcfg)
+        if len(devices) > ports:
+            why.append(f"{len(devices)} device(s) to hot-plug ({', '.join(d.id for d in devices)}) but "
+                       f"pcie_root_ports = {ports}")
         return why
-
     # -- template -----------------------------------------------------------------------------
 
     async def _usable_template(self, vmcfg: VmConfig, want: dict[str, Any], boot_timeout: float
@@ -151,29 +172,45 @@ class VmFactory:
             return self.template.check()
 
     async def _from_template(self, hv: Hypervisor, vmcfg: VmConfig, want: dict[str, Any], journal: Journal,
-                             boot_timeout: float) -> bool:
+                             boot_timeout: float) -> Attached | None:
         info = await self._usable_template(vmcfg, want, boot_timeout)
         if info is None:
-            return False
-        assert isinstance(hv, Snapshot) and isinstance(hv, PauseResume)
-        clone = replace(vmcfg, nics=(), memory_file=info.memory_file, memory_shared=False)
+            return None
+        assert isinstance(hv, Snapshot)
+        clone = replace(vmcfg, nics=(), disks=(), vfio=(), memory_file=info.memory_file, memory_shared=False)
         lock = self.template.locked(exclusive=False)  # destroy waits until the clone mapped it
         await asyncio.to_thread(lock.__enter__)
         try:
             await hv.prepare(clone)
             journal(hv.name, hv.record())
-            await hv.restore(str(info.path), timeout=boot_timeout)
+            await hv.restore(str(info.path), timeout=boot_timeout, resume=True)
             journal(hv.name, hv.record())
         except KataColoError as exc:
             self._say("template clone failed, booting cold: %s", exc.message, level=logging.WARNING)
             with contextlib.suppress(KataColoError):
                 await hv.cleanup()
-            return False
+            return None
         finally:
             lock.__exit__(None, None, None)
-        await hv.resume()
-        self._say("clone of template %s (key %s)", info.path, info.key)
-        return True
+        attached = await self._plug_or_discard(hv, vmcfg)
+        if attached is not None:
+            self._say("clone of template %s (key %s)", info.path, info.key)
+        return attached
+
+    async def _plug_or_discard(self, hv: Hypervisor, vmcfg: VmConfig) -> Attached | None:
+        """Hot-plug the pod's devices into the running clone; on failure the clone goes."""
+        attached: Attached = {}
+        try:
+            for dev in hot_plugged(vmcfg):
+                assert isinstance(hv, DeviceHotplug)
+                attached[dev.id] = await hv.add_device(dev)
+        except KataColoError as exc:
+            self._say("hot-plugging %s into the clone failed, booting cold: %s", dev.id, exc.message,
+                      level=logging.WARNING)
+            with contextlib.suppress(KataColoError):
+                await hv.cleanup()
+            return None
+        return attached
 
     # -- cache --------------------------------------------------------------------------------
 
@@ -184,8 +221,10 @@ class VmFactory:
             self._cache = CacheClient(self.cfg.factory.vm_cache_endpoint)
         return self._cache
 
-    async def _from_cache(self, vmcfg: VmConfig, want: dict[str, Any], journal: Journal) -> Hypervisor | None:
-        """A pre-booted clone adopted by a fresh driver instance, resumed; None (logged why)."""
+    async def _from_cache(self, vmcfg: VmConfig, want: dict[str, Any], journal: Journal
+                          ) -> tuple[Hypervisor, Attached] | None:
+        """A pre-booted clone adopted by a fresh driver instance, resumed, the pod's devices
+        plugged; None (logged why)."""
         cache = self._cache_client()
         try:
             vm = await cache.get_base_vm(keymod.key(want))
@@ -203,7 +242,8 @@ class VmFactory:
         hv = self._hypervisor_factory(self.driver)
         try:
             await cache.confirm_vm(vm.id)
-            assert isinstance(hv, Snapshot) and isinstance(hv, PauseResume)
+            if not isinstance(hv, HandOver) or not isinstance(hv, PauseResume):
+                raise OSError(f"hypervisor {hv.name} cannot adopt a running VM")
             await hv.adopt(record, timeout=10.0)
             journal(hv.name, hv.record())
             await asyncio.to_thread(take_shares, record, vmcfg)
@@ -213,8 +253,11 @@ class VmFactory:
             self._say("cached VM %s unusable (%s); killing it", vm.id, exc, level=logging.WARNING)
             await registry.driver_class(vm.driver).recover(record)
             return None
+        attached = await self._plug_or_discard(hv, vmcfg)
+        if attached is None:
+            return None
         self._say("pre-booted clone %s from the cache", vm.id)
-        return hv
+        return hv, attached
 
 
 def take_shares(record: dict[str, Any], vmcfg: VmConfig) -> None:

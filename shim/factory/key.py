@@ -5,9 +5,9 @@ must be equal: the kernel, initrd and rootfs image (by real path, size and mtime
 image is another file), the QEMU binary (same), kernel parameters (the guest agent reads its
 options there, e.g. its OCI runtime), vCPUs, memory, machine and driver options, the agent
 channel and the 9p share tags (their host paths are each VM's own, on its own command line).
-Per-VM things are not in the shape: ids, state directories, share host paths, NICs (hot-plugged
-after restore). Cold-plugged disks and VFIO devices cannot be added to a clone:
-:func:`clone_blockers` names them.
+Per-VM things are not in the shape: ids, state directories, share host paths, the pod's NICs,
+disks and VFIO devices (hot-plugged after restore). What cannot be hot-plugged (virtio-scsi
+LUNs, the vsock agent channel's CID) keeps a VM from being a clone: :func:`clone_blockers`.
 
 :func:`shape` is pure apart from ``stat``; :func:`key` hashes a shape (sorted JSON, sha256).
 """
@@ -82,12 +82,11 @@ def differences(template: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 
 
 def clone_blockers(cfg: VmConfig) -> list[str]:
-    """Devices of ``cfg`` a clone cannot get (they must be on the boot command line)."""
+    """What of ``cfg`` a clone cannot get (it must be on the boot command line)."""
     out = []
-    if cfg.disks:
-        out.append(f"{len(cfg.disks)} cold-plugged disk(s)")
-    if cfg.vfio:
-        out.append(f"{len(cfg.vfio)} VFIO device(s)")
+    scsi = [d.id for d in cfg.disks if d.driver == "virtio-scsi"]
+    if scsi:
+        out.append(f"virtio-scsi disk(s) {', '.join(scsi)} (cold-plug only)")
     if cfg.agent_channel != "virtio-serial":
         out.append(f"agent channel {cfg.agent_channel} (a clone would share the template's vsock CID)")
     return out

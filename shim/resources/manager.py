@@ -46,7 +46,8 @@ class ResourceContext:
     the (unstarted) hypervisor. After boot also ``agent`` (a connected GuestAgent).
 
     ``plugged_at_boot`` False: the VM was not booted with the devices before_boot returned (a
-    template clone) — a resource attaches them to the running VM in after_boot.
+    template clone): they were hot-plugged right after it resumed, ``attached`` maps each
+    device id to its AttachedDevice (guest PCI path).
     """
 
     sandbox_id: str
@@ -58,6 +59,7 @@ class ResourceContext:
     agent: Any = None
     persist: Callable[[], None] = lambda: None
     plugged_at_boot: bool = True
+    attached: dict[str, Any] = field(default_factory=dict)
 
     @property
     def annotations(self) -> dict[str, str]:

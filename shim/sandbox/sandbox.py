@@ -7,9 +7,10 @@ hypervisor driver named by ``[runtime] hypervisor`` (:mod:`hypervisor.registry`;
 imports no concrete driver) prepares, is journaled, starts → the agent connects → CreateSandbox
 (hostname, the resources' storages) → the resources' after-boot phase. The VM itself comes from
 :class:`shim.factory.factory.VmFactory`: a cold boot, a clone of the VM template or a
-pre-booted clone from the VM cache (``[factory]``); a clone is resumed, its guest RNG reseeded
-and clock set, and gets the pod's NICs hot-plugged. The VM has its own id and directory
-(``/run/kata-colo/vm/<vm-id>``, linked as ``<state>/vm``). A failure at any step
+pre-booted clone from the VM cache (``[factory]``); a clone is resumed, gets the pod's devices
+hot-plugged and its guest RNG reseeded and clock set. The VM has its own id (``<state>/vm``
+holds its files; a pre-booted VM's directory ``/run/kata-colo/vm/<vm-id>`` is linked there).
+A failure at any step
 runs :meth:`stop`, which releases exactly what was made. :func:`recover` does the same from the
 journal alone, for ``delete`` after the shim was killed at any moment.
 """
@@ -83,7 +84,8 @@ class Sandbox:
         self.ctx = ctx
         self.id = ctx.sandbox_id
         self.state_dir = Path(ctx.state_dir)
-        self.vm_dir = self.state_dir / vmdir.SANDBOX_LINK  # → /run/kata-colo/vm/<vm-id>
+        # the VM's files; a pre-booted VM's are in its own dir, linked here (shim.factory.vmdir)
+        self.vm_dir = self.state_dir / vmdir.SANDBOX_LINK
         self.resources = ResourceManager(self.id, self.state_dir)
         self.state = State.NEW
         self.cfg: cfgmod.Config | None = None
@@ -128,21 +130,22 @@ class Sandbox:
         self._rctx = rctx
         wanted = resources.for_sandbox(rctx)
         patches = await self.resources.before_boot(wanted, rctx)
-        vm_id = vmdir.new_vm_id()  # the VM's identity is not the sandbox's (a clone's is older)
-        vmcfg = apply_patches(vm_config(cfg, vm_id, vmdir.vm_dir(vm_id)), patches)
+        vm_id = vmdir.new_vm_id()  # the VM's identity is not the sandbox's (a cached clone's is older)
+        vmcfg = apply_patches(vm_config(cfg, vm_id, self.vm_dir), patches)
         cid: host.VsockCid | None = None
         if vmcfg.agent_channel == "vsock":  # kata's FindContextID: a CID reserved on an fd the VMM gets
             cid = await asyncio.to_thread(host.reserve_vsock_cid)
             vmcfg = replace(vmcfg, vsock_cid=cid.cid, vsock_fd=cid.fd)
         try:
-            hv, how = await self._vm_factory(cfg).start_vm(hv, vmcfg, self._journal_vm,
-                                                           boot_timeout=cfg.hypervisor.boot_timeout)
+            hv, how, rctx.attached = await self._vm_factory(cfg).start_vm(
+                hv, vmcfg, self._journal_vm, boot_timeout=cfg.hypervisor.boot_timeout)
         finally:
             if cid is not None:
                 cid.close()  # the VMM holds its own copy (or failed)
         self.hv = rctx.hypervisor = hv
-        rctx.plugged_at_boot = how == "cold"  # a clone gets the pod's NICs hot-plugged
-        vmdir.assign_sandbox(str(hv.record().get("state_dir", "")), self.state_dir)
+        rctx.plugged_at_boot = how == "cold"  # a clone got the pod's devices hot-plugged
+        if how == "cache":  # kata's VM.assignSandbox: the VM's own dir, made before the sandbox
+            vmdir.assign_sandbox(str(hv.record().get("state_dir", "")), self.state_dir)
         self.started_at = time.time()
         self.spawn(self._watch_vm(hv))
         agent = self._agent_factory(hv.agent_address())

@@ -73,7 +73,7 @@ path = "{hv.binary}"
 kernel = "{hv.kernel}"
 initrd = "{hv.initrd}"
 default_vcpus = 2
-pcie_root_ports = 2
+pcie_root_ports = 4
 
 [agent.kata]
 oci_runtime = "crun"

@@ -3,10 +3,10 @@
 Before boot: every veth in the sandbox spec's network namespace gets a tap with tc mirred
 redirects (journaled before each is made), and the taps become the VM's virtio-net NICs. After
 boot: when the VM did not get them at boot (a template clone: ``ctx.plugged_at_boot`` False)
-they are hot-plugged now, each with its veth's MAC, and the guest is told their PCI paths so it
-waits for them; the shim's copies of the tap fds are closed (QEMU holds its own) and the guest
-gets the interfaces, routes and neighbours. Teardown and recovery remove exactly what was added
-(hot-plugged NICs go with the VM).
+the VM factory hot-plugged them, each with its veth's MAC, and the guest is told their PCI paths
+(``ctx.attached``) so it waits for them; the shim's copies of the tap fds are closed (QEMU holds
+its own) and the guest gets the interfaces, routes and neighbours. Teardown and recovery remove
+exactly what was added (hot-plugged NICs go with the VM).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import logging
 from typing import Any, ClassVar
 
 from common.errors import FailedPrecondition, ResourceError
-from hypervisor.base import DeviceHotplug, VmPatch
+from hypervisor.base import VmPatch
 from shim.resources.manager import ResourceContext
 from shim.resources.network import pod as podnet
 from shim.resources.network.tcfilter import TcFilterNetwork
@@ -54,24 +54,20 @@ class NetworkResource:
             return
         interfaces, routes, neighbors = self.pod.guest_config()
         if not ctx.plugged_at_boot:
-            paths = await self._hotplug(ctx)
-            interfaces = [dict(i, devicePath=paths.get(str(i.get("hwAddr", "")).lower(), "")) for i in interfaces]
+            paths = self._hot_plugged_paths(ctx)
+            interfaces = [dict(i, devicePath=paths[str(i.get("hwAddr", "")).lower()]) for i in interfaces]
         self.pod.close_fds()  # QEMU holds its own copies now
         await ctx.agent.configure_network(interfaces, routes, neighbors)
 
-    async def _hotplug(self, ctx: ResourceContext) -> dict[str, str]:
-        """Attach every NIC to the running VM; {MAC: guest PCI path}. (vhost-net is decided by
-        the driver for cold-plugged NICs only: hot-plugged ones keep QEMU's datapath.)"""
+    def _hot_plugged_paths(self, ctx: ResourceContext) -> dict[str, str]:
+        """{MAC: guest PCI path} of this pod's NICs the VM factory hot-plugged into a clone."""
         assert self.pod is not None
-        hv = ctx.hypervisor
-        if "net" not in hv.capabilities().hotplug or not isinstance(hv, DeviceHotplug):
-            raise FailedPrecondition(f"hypervisor {hv.name} cannot hot-plug NICs into this VM "
-                                     "(set [hypervisor.qemu] pcie_root_ports)")
-        paths: dict[str, str] = {}
+        paths = {}
         for nic in self.pod.nics():
-            attached = await hv.add_device(nic)
+            attached = ctx.attached.get(nic.id)
+            if attached is None:
+                raise FailedPrecondition(f"sandbox {ctx.sandbox_id}: NIC {nic.id} was not plugged into the clone")
             paths[nic.mac.lower()] = attached.guest_pci_path or nic.id
-        log.info("sandbox %s: hot-plugged %d NIC(s)", ctx.sandbox_id, len(paths))
         return paths
 
     async def teardown(self) -> None:

@@ -58,12 +58,12 @@ class FakeHv:
         self._call("start")
         self._run()
 
-    async def restore(self, directory: str, timeout: float) -> None:
+    async def restore(self, directory: str, timeout: float, resume: bool = True) -> None:
         self._call("restore", directory)
         if not os.path.exists(os.path.join(directory, "state")):
             raise HypervisorError("no state")
         self._run()
-        self.paused = True
+        self.paused = not resume
 
     async def save(self, directory: str) -> None:
         self._call("save", directory)
@@ -125,7 +125,8 @@ class FakeHv:
 
     def capabilities(self) -> Capabilities:
         ports = self.cfg.options.pcie_root_ports if self.cfg is not None and self.cfg.options else 0
-        return Capabilities(shared_fs=("virtio-9p",), hotplug=("net",) if ports else ())
+        return Capabilities(shared_fs=("virtio-9p",), hotplug=("net", "block") if ports else (),
+                            clone_memory_file=True)
 
     def record(self) -> dict[str, Any]:
         assert self.cfg is not None

@@ -156,7 +156,7 @@ async def test_shim_gets_a_cached_vm_through_the_factory(running, tmp_path, monk
         return shim_made[-1]
 
     journal: list[dict] = []
-    hv, how = await factorymod.VmFactory(replace(server.cfg), hypervisor_factory=factory).start_vm(
+    hv, how, _ = await factorymod.VmFactory(replace(server.cfg), hypervisor_factory=factory).start_vm(
         factory("qemu"), vmcfg, lambda d, r: journal.append(r), boot_timeout=5)
     assert how == factorymod.CACHE and server.handed == 1
     assert hv.cfg.state_dir == journal[0]["state_dir"] and not hv.paused

@@ -80,8 +80,10 @@ def journaling() -> tuple[list[dict], callable]:
 
 async def start(cfg, factory, vmcfg):
     records, journal = journaling()
-    hv, how = await VmFactory(cfg, sandbox_id="sb", hypervisor_factory=factory).start_vm(
+    hv, how, attached = await VmFactory(cfg, sandbox_id="sb", hypervisor_factory=factory).start_vm(
         factory("qemu"), vmcfg, journal, boot_timeout=5)
+    assert how != COLD or attached == {}
+    hv.attached = attached
     return hv, how, records
 
 
@@ -102,13 +104,14 @@ async def test_first_sandbox_builds_the_template_then_clones(env, caplog):
     assert how == TEMPLATE
     calls = [c for c, _ in log]
     assert calls == ["prepare", "start", "agent-ready", "save", "stop", "cleanup",  # the template VM
-                     "prepare", "restore", "resume"]                                # the clone
+                     "prepare", "restore", "add_device"]          # the clone, resumed, its NIC plugged
     tmpl_cfg = log[0][1]
     assert tmpl_cfg.memory_shared and tmpl_cfg.memory_file == str(Path(cfg.factory.template_path) / "memory")
     assert not tmpl_cfg.nics and tmpl_cfg.shared_dirs[0].host_path.startswith(tmpl_cfg.state_dir)
     clone_cfg = log[6][1]
     assert clone_cfg.memory_file == tmpl_cfg.memory_file and not clone_cfg.memory_shared
-    assert clone_cfg.nics == () and clone_cfg.shared_dirs == vmcfg.shared_dirs  # NICs: hot-plugged later
+    assert clone_cfg.nics == () and clone_cfg.shared_dirs == vmcfg.shared_dirs  # NICs: hot-plugged after
+    assert log[8][1] == nic and not hv.paused and hv.attached["net0"].guest_pci_path == "02/00"
     assert records[0]["pid"] == 0 and records[-1]["pid"] == hv.pid
     assert is_mountpoint(cfg.factory.template_path)
     info = Template(cfg.factory.template_path).check()
@@ -131,9 +134,9 @@ async def test_a_sandbox_of_another_shape_boots_cold_and_says_why(env, caplog):
 
 
 @pytest.mark.parametrize("vmcfg_change, reason", [
-    (dict(disks=(BlockDevice("d0", "/img/d"),)), "cold-plugged disk"),
-    (dict(nics=(NetDevice("n0", "02:00:00:00:00:01", (5,)), NetDevice("n1", "02:00:00:00:00:02", (6,)))),
-     "pcie_root_ports = 1"),
+    (dict(disks=(BlockDevice("d0", "/img/d", driver="virtio-scsi"),)), "virtio-scsi disk(s) d0"),
+    (dict(nics=(NetDevice("n0", "02:00:00:00:00:01", (5,)),), disks=(BlockDevice("d0", "/img/d"),)),
+     "2 device(s) to hot-plug (n0, d0) but pcie_root_ports = 1"),
 ])
 async def test_what_a_clone_cannot_get_means_cold(env, caplog, vmcfg_change, reason):
     cfg, log, made, fail, factory, tmp = env
@@ -192,6 +195,19 @@ async def test_a_clone_that_fails_to_restore_falls_back_cold_on_a_fresh_driver(e
     assert hv.cfg.state_dir == made[0].cfg.state_dir and not hv.cfg.memory_file
     assert records[-1]["state_dir"] == hv.cfg.state_dir and records[-1]["pid"] == hv.pid
     assert any("template clone failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_device_that_does_not_plug_into_the_clone_means_cold(env, caplog):
+    cfg, log, made, fail, factory, tmp = env
+    await start(cfg, factory, sandbox_vm(cfg, tmp))
+    made.clear()
+    log.clear()
+    fail.add("add_device")
+    caplog.set_level(logging.INFO)
+    hv, how, _ = await start(cfg, factory, sandbox_vm(cfg, tmp, disks=(BlockDevice("d0", "/img/d"),)))
+    assert how == COLD and [c for c, _ in log] == ["prepare", "restore", "add_device", "cleanup", "prepare", "start"]
+    assert hv.cfg.disks and not hv.cfg.memory_file  # cold-plugged on the cold boot
+    assert any("hot-plugging d0 into the clone failed" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_half_built_template_is_undone_and_rebuilt(env):
@@ -285,11 +301,11 @@ async def test_a_cached_vm_is_adopted_its_share_renamed_and_resumed(env, monkeyp
     cache = FakeCache(record)
     vmcfg = sandbox_vm(cfg, tmp)
     records, journal = journaling()
-    hv, how = await VmFactory(cfg, hypervisor_factory=factory, cache=cache).start_vm(
+    hv, how, attached = await VmFactory(cfg, hypervisor_factory=factory, cache=cache).start_vm(
         factory("qemu"), vmcfg, journal, boot_timeout=5)
     assert how == CACHE and cache.confirmed == ["c1"] and moved == [record["pid"]]
     assert records[0]["state_dir"] == record["state_dir"]  # journaled before it was confirmed
-    assert [c for c, _ in log] == ["adopt", "resume"]
+    assert [c for c, _ in log] == ["adopt", "resume"] and attached == {}
     share = Path(vmcfg.shared_dirs[0].host_path)
     assert (share / "marker").read_text() == "exported since boot"
     assert not os.path.exists(os.path.join(record["state_dir"], "shared"))
@@ -299,10 +315,10 @@ async def test_an_empty_cache_falls_back_to_the_template_and_a_lost_lease_kills_
     cfg, log, made, fail, factory, tmp = env
     cfg = replace(cfg, factory=replace(cfg.factory, vm_cache_number=1))
     monkeypatch.setattr(factorymod, "join_my_cgroups", lambda pid: None)
-    _, how = await VmFactory(cfg, hypervisor_factory=factory, cache=FakeCache(None)).start_vm(
+    _, how, _ = await VmFactory(cfg, hypervisor_factory=factory, cache=FakeCache(None)).start_vm(
         factory("qemu"), sandbox_vm(cfg, tmp), journaling()[1], boot_timeout=5)
     assert how == TEMPLATE
     record = await cached_vm(cfg, tmp)
-    _, how = await VmFactory(cfg, hypervisor_factory=factory, cache=FakeCache(record, confirm_fails=True)).start_vm(
+    _, how, _ = await VmFactory(cfg, hypervisor_factory=factory, cache=FakeCache(record, confirm_fails=True)).start_vm(
         factory("qemu"), sandbox_vm(cfg, tmp), journaling()[1], boot_timeout=5)
     assert how == TEMPLATE and not os.path.exists(record["state_dir"])  # recovered (killed, removed)

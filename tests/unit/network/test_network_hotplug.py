@@ -1,5 +1,5 @@
-"""The pod network resource on a VM that did not boot with its NICs (a template clone): each NIC
-is hot-plugged with its veth's MAC and the guest is told the PCI path to wait for."""
+"""The pod network resource on a VM that did not boot with its NICs (a template clone): the VM
+factory hot-plugged each with its veth's MAC; the guest is told the PCI path to wait for."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 
 from common.errors import FailedPrecondition
-from hypervisor.base import NetDevice, VmConfig
-from hypervisor.qemu.options import QemuOptions
+from hypervisor.base import AttachedDevice, NetDevice
 from shim.resources.manager import ResourceContext
 from shim.resources.network.resource import NetworkResource
-from tests.unit.factory.fakehv import FakeHv
 
 
 @dataclass
@@ -40,36 +38,33 @@ class StubAgent:
         self.calls.append((interfaces, routes, neighbors))
 
 
-async def resource_on(tmp_path: Path, ports: int, plugged_at_boot: bool):
-    hv = FakeHv([])
-    await hv.prepare(VmConfig(vm_id="v", state_dir=str(tmp_path / "vm"), kernel="/k", hypervisor_path="/q",
-                              options=QemuOptions(pcie_root_ports=ports)))
+def resource_on(tmp_path: Path, plugged_at_boot: bool, attached: dict):
     r = NetworkResource("/var/run/netns/x")
     r.pod = StubPod()  # type: ignore[assignment]
     agent = StubAgent()
-    ctx = ResourceContext(sandbox_id="sb", state_dir=tmp_path, config=None, spec={}, hypervisor=hv,
-                          agent=agent, plugged_at_boot=plugged_at_boot)
-    return r, hv, agent, ctx
+    ctx = ResourceContext(sandbox_id="sb", state_dir=tmp_path, config=None, spec={}, hypervisor=None,
+                          agent=agent, plugged_at_boot=plugged_at_boot, attached=attached)
+    return r, agent, ctx
 
 
-async def test_a_clone_gets_its_nics_hot_plugged_with_their_macs(tmp_path):
-    r, hv, agent, ctx = await resource_on(tmp_path, ports=2, plugged_at_boot=False)
+async def test_a_clone_tells_the_guest_where_its_hot_plugged_nics_are(tmp_path):
+    r, agent, ctx = resource_on(tmp_path, False, {"net0": AttachedDevice("net0", "02/00"),
+                                                  "net1": AttachedDevice("net1", "03/00")})
     await r.after_boot(ctx)
-    assert [(d.id, d.mac, d.tap_fds) for d in hv.devices] == [("net0", "02:00:00:00:00:0a", (100,)),
-                                                             ("net1", "02:00:00:00:00:0b", (101,))]
     (ifaces, routes, _), = agent.calls
-    assert [i["devicePath"] for i in ifaces] == ["02/00", "03/00"] and routes == [{"dest": "default"}]
-    assert r.pod.closed == 1  # the shim's fd copies go once QEMU holds its own
+    assert [(i["hwAddr"], i["devicePath"]) for i in ifaces] == [("02:00:00:00:00:0A", "02/00"),
+                                                                ("02:00:00:00:00:0B", "03/00")]
+    assert routes == [{"dest": "default"}] and r.pod.closed == 1  # QEMU holds its own fds now
 
 
-async def test_a_cold_booted_vm_is_not_hot_plugged(tmp_path):
-    r, hv, agent, ctx = await resource_on(tmp_path, ports=2, plugged_at_boot=True)
+async def test_a_cold_booted_vm_gets_no_device_paths(tmp_path):
+    r, agent, ctx = resource_on(tmp_path, True, {})
     await r.after_boot(ctx)
-    assert hv.devices == [] and "devicePath" not in agent.calls[0][0][0]
+    assert "devicePath" not in agent.calls[0][0][0]
 
 
-async def test_no_root_port_is_a_clear_error(tmp_path):
-    r, hv, agent, ctx = await resource_on(tmp_path, ports=0, plugged_at_boot=False)
-    with pytest.raises(FailedPrecondition, match="pcie_root_ports"):
+async def test_a_nic_the_factory_did_not_plug_is_a_clear_error(tmp_path):
+    r, agent, ctx = resource_on(tmp_path, False, {"net0": AttachedDevice("net0", "02/00")})
+    with pytest.raises(FailedPrecondition, match="NIC net1 was not plugged"):
         await r.after_boot(ctx)
     assert agent.calls == []
