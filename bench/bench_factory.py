@@ -49,7 +49,7 @@ def _toml(node, work: Path, *, lean: bool, runtime: str = "runc", template: str 
     hv = node.hypervisor
     images = Path(hv.initrd).parent
     disk = f'image = "{images / "rootfs.erofs"}"\ninitrd = "{images / "initrd-boot.cpio"}"' if lean \
-        else f'initrd = "{hv.initrd}"'
+        else f'initrd = "{images / "initramfs.cpio"}"'
     out = f"""[hypervisor.qemu]
 path = "{hv.binary}"
 kernel = "{hv.kernel}"
@@ -199,7 +199,7 @@ def bench_ctr(c, configs: dict[str, Path], work: Path) -> dict[str, list[dict[st
 
 def cri_run_pods(config: Path, work: Path, tag: str) -> list[float]:
     from cri.client import CriClient, pod_config
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
     shim_dir = product_shim_dir()
     old = os.environ.get("KATA_COLO_CONFIG")
@@ -321,7 +321,7 @@ def main() -> None:
     if os.geteuid() != 0 or shutil.which("containerd") is None:
         print("bench_factory: needs root and containerd; skipped")
         return
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
     work = Path(tempfile.mkdtemp(prefix="kc-bench-fac-", dir="/run"))
     configs = write_configs(work)

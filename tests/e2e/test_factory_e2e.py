@@ -32,17 +32,17 @@ import pytest
 
 from cri.client import CriClient, container_config, pod_config
 from shim import config as cfgmod
-from tests.e2e.conftest import (
+from tests.support.containerd import (
     CNI_BIN_DIR,
     CRI_NAMESPACE,
     IMAGE,
     RUNTIME,
     Containerd,
+    assert_nothing_left,
     product_shim_dir,
     start_containerd,
     stop_containerd,
 )
-from tests.e2e.test_kata_colo_e2e import assert_nothing_left
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 
@@ -67,11 +67,13 @@ class Factory:
 
 def _toml(cfg: cfgmod.Config, template: Path, endpoint: Path, cache: int) -> str:
     hv = cfg.hypervisor
+    image = f'image = "{hv.image}"' if hv.image else ""
     return f"""
 [hypervisor.qemu]
 path = "{hv.binary}"
 kernel = "{hv.kernel}"
 initrd = "{hv.initrd}"
+{image}
 default_vcpus = 2
 pcie_root_ports = 4
 

@@ -38,7 +38,7 @@ from shim.factory import vmdir
 from shim.factory.factory import TEMPLATE, VmFactory, agent_ready, node_vm_config
 from shim.factory.template import Template
 from shim.sandbox.vmconfig import vm_config
-from tests.integration.test_agent_host import build_rootfs, make_spec, read_all
+from tests.support.agent import build_rootfs, make_spec, read_all
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root]
 
@@ -90,7 +90,7 @@ async def clone(cfg: cfgmod.Config, hostname: str) -> AsyncIterator[Clone]:
     hv: QemuHypervisor = QemuHypervisor()
     agent: GuestAgent | None = None
     try:
-        started, how = await VmFactory(cfg, sandbox_id=hostname).start_vm(
+        started, how, _ = await VmFactory(cfg, sandbox_id=hostname).start_vm(
             hv, vmcfg, lambda d, r: records.append(r), boot_timeout=120)
         assert isinstance(started, QemuHypervisor)
         hv = started
