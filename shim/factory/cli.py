@@ -8,8 +8,9 @@
 - ``destroy``: ask a running cache daemon to quit (its cached VMs go), then remove the template
   and its tmpfs; running clones keep running. Prints ``vm factory destroyed``.
 
-:func:`run` is what ``kata-colo-ctl`` calls; it returns the exit code (0, 1 = failed, 2 = bad
-configuration) and writes only to ``out``/``err``.
+:func:`run_async` is what ``kata-colo-ctl`` awaits (:func:`run` for a caller without an event
+loop); both return the exit code (0, 1 = failed, 2 = bad configuration) and write only to
+``out``/``err``.
 """
 from __future__ import annotations
 
@@ -101,8 +102,16 @@ def _human(action: str, cfg: Any, result: dict[str, Any], out: TextIO) -> None:
 
 
 def run(action: str, config_path: str | None = None, *, as_json: bool = False,
-        out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+        out: TextIO | None = None, err: TextIO | None = None) -> int:
+    return asyncio.run(run_async(action, config_path, as_json=as_json, out=out, err=err))
+
+
+async def run_async(action: str, config_path: str | None = None, *, as_json: bool = False,
+                    out: TextIO | None = None, err: TextIO | None = None) -> int:
     from shim import config as cfgmod
+
+    out = out or sys.stdout
+    err = err or sys.stderr
 
     if action not in ACTIONS:
         print(f"factory: unknown action {action!r} (one of {', '.join(ACTIONS)})", file=err)
@@ -116,7 +125,7 @@ def run(action: str, config_path: str | None = None, *, as_json: bool = False,
         print(f"factory: [factory] enable_template is off in {cfg.source}", file=err)
         return 2
     try:
-        result = asyncio.run({"init": init, "status": status, "destroy": destroy}[action](cfg))
+        result = await {"init": init, "status": status, "destroy": destroy}[action](cfg)
     except KataColoError as exc:
         print(f"factory {action}: {exc.message}", file=err)
         return 1
