@@ -269,12 +269,13 @@ def cmd_delete(args: Args, factory: BackendFactory) -> int:
 
 async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> None:
     import asyncio
+    import importlib
     import signal
+    import time
 
     from proto.containerd.task.v2 import shim_pb2
     from shim.events import EventPublisher
     from shim.mgmt.metrics import timed_service
-    from shim.mgmt.server import write_monitor_address
     from shim.task_service import TaskService
     from ttrpc import Server
 
@@ -289,25 +290,39 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
                           backend_factory=factory, publisher=publisher, config_path=args.config_path,
                           ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""), debug=args.debug,
                           on_shutdown=stop.set)
-    mgmt = _mgmt_server(args, service)
+    rpc_times = _late_histogram()
     server = Server()
-    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"],
-                            timed_service(service, mgmt.task_rpc))
+    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"], timed_service(service, rpc_times))
     await server.start_unix(sock=sock)
     path = sock.getsockname()
-    import time
-
     since = f", {(time.time() - args.exec_time) * 1e3:.0f} ms after `start` was exec'd" if args.exec_time else ""
     log.info("serving sandbox %s on %s (pid %d%s)", service.sandbox_id, path, os.getpid(), since)
-    try:
-        await mgmt.start()
-        write_monitor_address(args.bundle or os.getcwd(), mgmt.address)
-    except Exception:  # noqa: BLE001 - the Task API serves without the management socket
-        log.exception("management socket %s not started", mgmt.path)
+    mgmt: list[Any] = []
+
+    async def start_mgmt() -> None:
+        # aiohttp costs ~0.2 s to import: off the event loop, while containerd's first Create is
+        # served (the management socket is not on containerd's critical path)
+        await asyncio.to_thread(importlib.import_module, "shim.mgmt.server")
+        from shim.mgmt.server import write_monitor_address
+
+        server_ = _mgmt_server(args, service)
+        mgmt.append(server_)
+        rpc_times.attach(server_.task_rpc)
+        try:
+            await server_.start()
+            write_monitor_address(args.bundle or os.getcwd(), server_.address)
+        except Exception:  # noqa: BLE001 - the Task API serves without the management socket
+            log.exception("management socket %s not started", server_.path)
+
+    mgmt_task = asyncio.create_task(start_mgmt(), name="mgmt-start")
     try:
         await stop.wait()
     finally:
-        await mgmt.close()
+        mgmt_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await mgmt_task
+        for m in mgmt:
+            await m.close()
         await server.close()
         await service.close()
         await publisher.close()
@@ -315,6 +330,33 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         log.info("shim exiting")
+
+
+def _late_histogram() -> Any:
+    from shim.mgmt.metrics import Histogram
+
+    class LateHistogram(Histogram):
+        """The Task RPC duration histogram until the management server (which owns the real
+        one) exists: observations are kept and handed over on :meth:`attach`."""
+
+        def __init__(self) -> None:
+            super().__init__("early", "")
+            self._target: Any = None
+            self._early: list[tuple[str, float]] = []
+
+        def observe(self, label: str, milliseconds: float) -> None:
+            if self._target is None:
+                self._early.append((label, milliseconds))
+            else:
+                self._target.observe(label, milliseconds)
+
+        def attach(self, target: Any) -> None:
+            self._target = target
+            for label, ms in self._early:
+                target.observe(label, ms)
+            self._early = []
+
+    return LateHistogram()
 
 
 def _mgmt_server(args: Args, service: Any) -> Any:
