@@ -42,7 +42,7 @@ from hypervisor.base import HandOver, Hypervisor, SharedDir, Snapshot, VmConfig
 from proto.kata_colo import cache_pb2
 from shim.factory import key as keymod
 from shim.factory import vmdir
-from shim.factory.factory import agent_ready, node_vm_config
+from shim.factory.factory import node_vm_config, prepare_template
 from shim.factory.template import Template, TemplateInfo
 from ttrpc import Server, ServerContext
 
@@ -121,7 +121,7 @@ class VmCacheServer:
         info = await asyncio.to_thread(self._check)
         if info is None:
             info = await self.template.build(self.base, self.driver, boot_timeout=self.cfg.hypervisor.boot_timeout,
-                                             ready=agent_ready, hypervisor_factory=self._hv_factory)
+                                             ready=prepare_template, hypervisor_factory=self._hv_factory)
         if info.key != self.key:
             diff = ", ".join(keymod.differences(info.shape, keymod.shape(self.base, self.driver)))
             raise FailedPrecondition(f"template {self.template.path} was made for another configuration "

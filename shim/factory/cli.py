@@ -41,11 +41,11 @@ async def _cache_status(cfg: Any) -> dict[str, Any] | None:
 
 
 async def init(cfg: Any) -> dict[str, Any]:
-    from shim.factory.factory import agent_ready, node_vm_config
+    from shim.factory.factory import node_vm_config, prepare_template
     from shim.factory.template import Template
 
     info = await Template(cfg.factory.template_path).build(
-        node_vm_config(cfg), cfg.runtime.hypervisor, boot_timeout=cfg.hypervisor.boot_timeout, ready=agent_ready)
+        node_vm_config(cfg), cfg.runtime.hypervisor, boot_timeout=cfg.hypervisor.boot_timeout, ready=prepare_template)
     return info.to_json()
 
 

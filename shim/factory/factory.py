@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from agent_api.client.convert import agent_url
-from agent_api.client.rpc import AgentClient
 from common.errors import KataColoError
 from common.guest_paths import SHARE_TAG
 from hypervisor import registry
@@ -49,21 +47,13 @@ from hypervisor.base import (
 from shim.factory import key as keymod
 from shim.factory import vmdir
 from shim.factory.template import Template, TemplateInfo, TemplateUnusable, base_config
+from shim.factory.warmup import prepare_template
 
 log = logging.getLogger(__name__)
 
 COLD, TEMPLATE, CACHE = "cold", "template", "cache"
 Journal = Callable[[str, dict[str, Any]], None]
 Attached = dict[str, AttachedDevice]
-
-
-async def agent_ready(hv: Hypervisor, timeout: float) -> None:
-    """The template VM is ready to save once its agent answers (then the link is closed)."""
-    client = AgentClient(agent_url(hv.agent_address()))
-    try:
-        await client.wait_ready(timeout)
-    finally:
-        await client.close()
 
 
 def node_vm_config(cfg: Any) -> VmConfig:
@@ -154,7 +144,7 @@ class VmFactory:
             if info is None:
                 self._say("no template at %s: building it", self.template.path)
                 info = await self.template.build(base_config(vmcfg), self.driver, boot_timeout=boot_timeout,
-                                                 ready=agent_ready, hypervisor_factory=self._hypervisor_factory)
+                                                 ready=prepare_template, hypervisor_factory=self._hypervisor_factory)
         except TemplateUnusable as exc:
             self._say("booting cold: template unusable: %s", exc.message, level=logging.WARNING)
             return None

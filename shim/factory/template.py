@@ -11,10 +11,11 @@ Layout of ``[factory] template_path`` (default ``/run/kata-colo/vm/template``), 
                     written before its VMM starts (a build killed at any moment is undone by
                     the next build or ``destroy`` from this record alone)
 
-:meth:`Template.build` boots the VM with no pod resources (the 9p device is there, exporting
-an empty directory: QEMU cannot migrate while a 9p export is mounted, so the template never
-mounts it; each clone exports its own sandbox's directory on its own command line), waits for
-the agent, pauses, saves, stops it. Concurrent builders and cloners serialise on an flock of
+:meth:`Template.build` boots the VM with no pod resources (the 9p device is there, exporting a
+directory of the template VM's own: QEMU cannot migrate while a 9p export is mounted, so the
+share is unmounted again before the save; each clone exports its own sandbox's directory on its
+own command line), lets the ready step warm it (:mod:`shim.factory.warmup`), pauses, saves,
+stops it. Concurrent builders and cloners serialise on an flock of
 ``<template_path>.lock``; a clone holds it shared only while it checks the files. ``destroy``
 lazily unmounts the tmpfs: running clones keep their mapping of the old memory file (the tmpfs
 lives until the last of them exits), new ones cannot find it.
@@ -57,8 +58,9 @@ DEVICE_STATE_MIB = 8          # kata's templateDeviceStateSize on amd64
 LOCK_TIMEOUT = 180.0
 MAX_META_BYTES = 1 << 20
 
-#: ready(hv, timeout): wait until the freshly booted template VM's agent answers
-AgentReady = Callable[[Hypervisor, float], Awaitable[None]]
+#: ready(hv, cfg, timeout): the freshly booted template VM is ready to be saved
+#: (:func:`shim.factory.warmup.prepare_template`)
+AgentReady = Callable[[Hypervisor, VmConfig, float], Awaitable[None]]
 
 
 class TemplateUnusable(KataColoError):
@@ -250,7 +252,7 @@ class Template:
                 os.makedirs(share.host_path, mode=0o700, exist_ok=True)
             await hv.start(timeout=boot_timeout)
             _write_json(self.path / BUILD, {"driver": driver, "vm": hv.record()})
-            await ready(hv, boot_timeout)
+            await ready(hv, cfg, boot_timeout)
             await hv.save(str(self.path))
         except BaseException:
             with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -35,7 +36,7 @@ from hypervisor.base import SharedDir
 from hypervisor.qemu.driver import QemuHypervisor
 from shim import config as cfgmod
 from shim.factory import vmdir
-from shim.factory.factory import TEMPLATE, VmFactory, agent_ready, node_vm_config
+from shim.factory.factory import TEMPLATE, VmFactory, node_vm_config, prepare_template
 from shim.factory.template import Template
 from shim.sandbox.vmconfig import vm_config
 from tests.support.agent import build_rootfs, make_spec, read_all
@@ -64,8 +65,22 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def template(cfg):
-    return asyncio.run(Template(cfg.factory.template_path).build(
-        node_vm_config(cfg), "qemu", boot_timeout=120, ready=agent_ready))
+    """The template, warmed by one container (shim.factory.warmup) before it was saved."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("shim.factory.warmup")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        info = asyncio.run(Template(cfg.factory.template_path).build(
+            node_vm_config(cfg), "qemu", boot_timeout=120, ready=prepare_template))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert not [r.getMessage() for r in records if "warm-up" in r.getMessage()], "the warm-up did not run"
+    return info
 
 
 @dataclass

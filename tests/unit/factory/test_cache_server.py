@@ -23,15 +23,15 @@ from tests.unit.factory.fakehv import FakeHv
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")]
 
 
-async def ready(hv, timeout):
+async def ready(hv, cfg, timeout):
     return None
 
 
 @pytest.fixture
 def daemon(tmp_path, monkeypatch):
     monkeypatch.setattr(vmdir, "VM_ROOT", tmp_path / "vm")
-    monkeypatch.setattr(cachemod, "agent_ready", ready)
-    monkeypatch.setattr(factorymod, "agent_ready", ready)
+    monkeypatch.setattr(cachemod, "prepare_template", ready)
+    monkeypatch.setattr(factorymod, "prepare_template", ready)
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"kernel")
     cfg = cfgmod.parse(f"""

@@ -66,7 +66,7 @@ async def test_status_shows_a_template_and_destroy_removes_it(tmp_path, monkeypa
 
     cfg = cfgmod.load(path)
 
-    async def ready(hv, timeout):
+    async def ready(hv, cfg, timeout):
         return None
 
     t = Template(cfg.factory.template_path)

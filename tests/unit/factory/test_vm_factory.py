@@ -64,13 +64,13 @@ def sandbox_vm(cfg, tmp_path: Path, **kw) -> VmConfig:
     return replace(base, **kw)
 
 
-async def ready(hv, timeout):
+async def ready(hv, cfg, timeout):
     hv.log.append(("agent-ready", None))
 
 
 @pytest.fixture(autouse=True)
 def fake_agent_ready(monkeypatch):
-    monkeypatch.setattr(factorymod, "agent_ready", ready)
+    monkeypatch.setattr(factorymod, "prepare_template", ready)
 
 
 def journaling() -> tuple[list[dict], callable]:
