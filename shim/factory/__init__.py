@@ -3,6 +3,7 @@
 - :mod:`~shim.factory.vmdir` — every VM's own id and directory, linked into its sandbox;
 - :mod:`~shim.factory.key` — the VM shape a clone must share with its template, and its key;
 - :mod:`~shim.factory.template` — the template on its tmpfs: build, check, destroy;
+- :mod:`~shim.factory.warmup` — the template VM runs one container before it is saved;
 - :mod:`~shim.factory.factory` — :class:`~shim.factory.factory.VmFactory`, the seam the sandbox
   boots through (cache → template clone → cold boot);
 - :mod:`~shim.factory.cache_server` / :mod:`~shim.factory.cache_client` — ``kata-colo-vmcache``,
