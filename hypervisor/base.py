@@ -3,9 +3,10 @@
 A driver (``hypervisor.qemu``, ``hypervisor.clh``) implements the small core protocol
 :class:`Hypervisor`; what only some VMMs can do is a separate capability protocol the sandbox asks
 for with ``isinstance`` (:class:`PauseResume`, :class:`DeviceHotplug`, :class:`MemoryControl`,
-:class:`Snapshot`, :class:`VmmMetrics`, :class:`GuestConsole`). Everything here is VMM-neutral: no QMP, no REST. A
-driver's own ``[hypervisor.<name>]`` options travel in :attr:`VmConfig.options` as the driver's
-dataclass; drivers are found by name in :mod:`hypervisor.registry`.
+:class:`Snapshot`, :class:`HandOver`, :class:`VmmMetrics`, :class:`GuestConsole`). Everything here
+is VMM-neutral: no QMP, no REST. A driver's own ``[hypervisor.<name>]`` options travel in
+:attr:`VmConfig.options` as the driver's dataclass; drivers are found by name in
+:mod:`hypervisor.registry`.
 
 Lifecycle: ``prepare(cfg)`` → ``start(timeout)`` → (capabilities) → ``stop()`` → ``cleanup()``;
 ``wait()`` resolves whenever the VMM process exits, also when it dies on its own. ``cleanup()`` is
@@ -17,7 +18,7 @@ Errors are :mod:`common.errors` classes (HypervisorError for a VMM that fails or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 AgentTransport = Literal["virtio-serial", "vsock", "hybrid-vsock"]
@@ -97,7 +98,10 @@ class VmConfig:
     ``vcpus``. ``vsock_cid``/``vsock_fd`` are the guest CID reserved on /dev/vhost-vsock
     (:func:`hypervisor.host.reserve_vsock_cid`) when ``agent_channel`` is ``vsock``.
     ``options`` is the driver's own options dataclass (``[hypervisor.<name>]`` keys only it
-    knows); None means the driver's defaults.
+    knows); None means the driver's defaults. ``memory_file`` backs guest RAM with that file
+    (a VM template's memory): ``memory_shared`` maps it shared (the template VM writes its RAM
+    into the file) or private copy-on-write (a clone: reads share the file's pages, writes are
+    the clone's own); "" = anonymous RAM.
     """
 
     vm_id: str
@@ -121,6 +125,29 @@ class VmConfig:
     vfio: tuple[VfioDevice, ...] = ()
     debug: bool = False
     options: Any = None
+    memory_file: str = ""
+    memory_shared: bool = False
+
+
+def vm_config_to_dict(cfg: VmConfig) -> dict[str, Any]:
+    """JSON-able form of ``cfg`` without open file descriptors (NIC tap fds, the vsock fd): what
+    another process needs to drive the same VM (:meth:`Snapshot.adopt`)."""
+    data = asdict(replace(cfg, nics=(), vsock_fd=-1, options=None))
+    data["options"] = asdict(cfg.options) if cfg.options is not None else None
+    return data
+
+
+def vm_config_from_dict(data: dict[str, Any], options_cls: type | None) -> VmConfig:
+    """The inverse of :func:`vm_config_to_dict` (``options_cls`` rebuilds the driver options);
+    unknown keys are an error (TypeError/ValueError: the caller reports a bad record)."""
+    d = dict(data)
+    opts = d.pop("options", None)
+    d["shared_dirs"] = tuple(SharedDir(**x) for x in d.get("shared_dirs") or ())
+    d["disks"] = tuple(BlockDevice(**x) for x in d.get("disks") or ())
+    d["vfio"] = tuple(VfioDevice(**x) for x in d.get("vfio") or ())
+    d["nics"] = ()
+    options = options_cls(**opts) if opts is not None and options_cls is not None else None
+    return VmConfig(**d, options=options)
 
 
 @dataclass(frozen=True)
@@ -169,6 +196,7 @@ class Capabilities:
     hotplug: tuple[str, ...] = ()            # device kinds hot-pluggable now: net, block, vfio
     multiqueue_net: bool = False
     memory: tuple[str, ...] = ()             # memory mechanisms: virtio-mem, balloon, dimm
+    clone_memory_file: bool = False          # clones restore over a template's memory file
 
 
 @dataclass(frozen=True)
@@ -270,9 +298,35 @@ class MemoryControl(Protocol):
 
 @runtime_checkable
 class Snapshot(Protocol):
+    """Save a VM and start VMs from what was saved (kata's factory templates).
+
+    With QEMU the VM's RAM is a shared ``memory_file`` (``save`` writes only device state) and a
+    clone is ``prepare(cfg)`` with the same ``memory_file`` (``memory_shared=False``) and the
+    same devices, then ``restore`` instead of ``start`` (``Capabilities.clone_memory_file``)."""
+
     async def save(self, directory: str) -> None:
         """Pause and write the VM's device state (and memory, where the VMM owns it) under
         ``directory``; the VM stays paused."""
+
+    async def restore(self, directory: str, timeout: float, resume: bool = True) -> None:
+        """Launch the prepared VM from the state ``save`` wrote under ``directory``: running
+        when ``resume``, else paused. On failure nothing of it is left running."""
+
+
+@runtime_checkable
+class HandOver(Protocol):
+    """Pass a running VM from one process to another (the pre-booted VM cache): the releasing
+    side closes its control channel and keeps nothing that would stop the VM; the adopting side
+    verifies the record names a live VMM of this driver before it touches it, and from then on
+    ``stop``, ``cleanup``, ``wait`` and the capabilities work as for a VM it started (``wait``
+    returns 255 when the VMM is not its child: the exit status belongs to the parent)."""
+
+    async def release(self) -> dict[str, Any]:
+        """Give up control of the running VM (it keeps running); the record to adopt it by."""
+
+    async def adopt(self, record: dict[str, Any], timeout: float) -> None:
+        """Take over the running VM ``record`` (from :meth:`release`) names; instead of
+        ``prepare`` + ``start``. HypervisorError when it is not that VM or not running."""
 
 
 @runtime_checkable

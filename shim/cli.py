@@ -2,8 +2,12 @@
 
     <shim> -namespace NS -address A -publish-binary B -id ID [-debug] [-bundle B] start|delete
 
-``start`` binds the group's socket (or finds the group's live shim), re-executes itself as the
-serving daemon with the listening socket as fd 3, writes ``address`` and prints it. ``delete``
+``start`` binds the group's socket (or finds the group's live shim), forks the serving daemon
+(its own session, stdio on /dev/null, the listening socket as fd 3: the child of a fork
+needs no second interpreter start-up and imports what serving needs while containerd reads the
+address), writes ``address`` and prints it. Only ``start`` runs on containerd's critical path
+before the socket answers, so this module imports nothing heavy at the top (asyncio, protobuf
+and the task service load inside ``serve``/``delete``). ``delete``
 releases what persisted state and the sandbox's resource journal say belongs to one id and
 prints a DeleteResponse. ``serve`` is the daemon (internal) and the composition root: it builds
 the one backend (the product's :class:`shim.sandbox.containers.ContainerOps` around its
@@ -13,27 +17,20 @@ tests/fakes/.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import importlib
 import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.errors import Unavailable
-from common.version import VERSION
-from proto.containerd.task.v2 import shim_pb2
-from shim import bootstrap, convert, persist
-from shim import log as shim_log
-from shim.backend import Backend, BackendContext, BackendFactory
+from shim import bootstrap
+
+if TYPE_CHECKING:
+    import socket
+
+    from shim.backend import Backend, BackendContext, BackendFactory
 
 log = logging.getLogger("shim")
 DEFAULT_BACKEND = "shim.sandbox.containers:ContainerOps"
@@ -55,6 +52,7 @@ class Args:
     config_path: str = ""
     group: str = ""
     debug: bool = False
+    exec_time: float = 0.0  # when `start` was exec'd (wall clock): logged by serve
     version: bool = False
     extra: list[str] = field(default_factory=list)
 
@@ -95,6 +93,10 @@ def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
         return backend_factory
 
     def product(ctx: BackendContext) -> Backend:
+        import importlib
+
+        from common.errors import Unavailable
+
         module, _, attr = DEFAULT_BACKEND.partition(":")
         try:
             cls = getattr(importlib.import_module(module), attr)
@@ -107,7 +109,7 @@ def _load_factory(backend_factory: BackendFactory | None) -> BackendFactory:
 
 # --- start -----------------------------------------------------------------------------------
 
-def cmd_start(args: Args) -> int:
+def cmd_start(args: Args, factory: BackendFactory) -> int:
     bundle = args.bundle or os.getcwd()
     spec = bootstrap.read_bundle_spec(bundle)
     group = bootstrap.group_id(spec, args.id)
@@ -122,37 +124,73 @@ def cmd_start(args: Args) -> int:
     with contextlib.suppress(OSError, ValueError):
         if not sys.stdin.isatty():
             raw_opts = sys.stdin.buffer.read()
-    try:
-        config_path = convert.runtime_config_path(raw_opts) if raw_opts else ""
-    except Exception:  # noqa: BLE001 - garbage options: default config (stdout/stderr carry only the address)
-        config_path = ""
-    argv = [sys.argv[0], "-namespace", args.namespace, "-address", args.address,
-            "-publish-binary", args.publish_binary, "-id", args.id, "-bundle", bundle,
-            "-group", group, "-config-path", config_path]
-    if args.debug:
-        argv.append("-debug")
-    argv.append("serve")
-    fd = sock.fileno()
+    config_path = ""
+    if raw_opts:
+        from shim import convert
 
-    def child_setup() -> None:
-        os.dup2(fd, LISTEN_FD)
-        os.set_inheritable(LISTEN_FD, True)
-
+        try:
+            config_path = convert.runtime_config_path(raw_opts)
+        except Exception:  # noqa: BLE001 - garbage options: default config (stdout/stderr carry only the address)
+            config_path = ""
+    serve_args = Args(action="serve", namespace=args.namespace, address=args.address,
+                      publish_binary=args.publish_binary, id=args.id, bundle=bundle, group=group,
+                      config_path=config_path, debug=args.debug, exec_time=_exec_time())
+    sys.stdout.flush()
     try:
-        exe = sys.argv[0] if os.access(sys.argv[0], os.X_OK) else sys.executable
-        cmd = argv if exe == sys.argv[0] else [sys.executable, "-m", "shim", *argv[1:]]
-        subprocess.Popen(cmd, cwd=bundle, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, preexec_fn=child_setup, pass_fds=(LISTEN_FD,),
-                         start_new_session=True)
-        bootstrap.write_address(bundle, address)
+        pid = os.fork()
     except BaseException:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
+    if pid == 0:  # the serving daemon
+        code = 1
+        try:
+            _become_daemon(sock, bundle)
+            code = cmd_serve(serve_args, factory)
+        except BaseException:  # noqa: BLE001 - the daemon's last word goes to its log
+            log.exception("shim daemon failed")
+        finally:
+            os._exit(code)
     sock.close()
+    try:
+        bootstrap.write_address(bundle, address)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        raise
     print(address, end="")
     return 0
+
+
+def _exec_time() -> float:
+    """When this process was exec'd, on the wall clock (10 ms resolution; 0 if unknown)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    import time
+
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _become_daemon(sock: socket.socket, bundle: str) -> None:
+    """In the forked child: own session, stdio on /dev/null (containerd reads start's stdout
+    until every writer closed it), the listening socket as fd 3, cwd the bundle."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    fd = sock.detach()
+    if fd != LISTEN_FD:
+        os.dup2(fd, LISTEN_FD)
+        os.close(fd)
+    os.set_inheritable(LISTEN_FD, False)
+    os.chdir(bundle)
 
 
 # --- delete ----------------------------------------------------------------------------------
@@ -170,6 +208,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:
+    import asyncio
+    import shutil
+
+    from shim import persist
+    from shim.backend import BackendContext
+
     spec = bootstrap.read_bundle_spec(bundle)
     group = bootstrap.group_id(spec, args.id)
     sdir = persist.state_dir(group)
@@ -199,6 +243,13 @@ async def _cleanup(args: Args, factory: BackendFactory, bundle: str) -> None:
 
 
 def cmd_delete(args: Args, factory: BackendFactory) -> int:
+    import asyncio
+    import signal
+    from datetime import UTC, datetime
+
+    from proto.containerd.task.v2 import shim_pb2
+    from shim import convert
+
     bundle = args.bundle or os.getcwd()
     try:
         from shim import rootfs
@@ -217,9 +268,14 @@ def cmd_delete(args: Args, factory: BackendFactory) -> int:
 # --- serve -----------------------------------------------------------------------------------
 
 async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> None:
+    import asyncio
+    import importlib
+    import signal
+    import time
+
+    from proto.containerd.task.v2 import shim_pb2
     from shim.events import EventPublisher
     from shim.mgmt.metrics import timed_service
-    from shim.mgmt.server import write_monitor_address
     from shim.task_service import TaskService
     from ttrpc import Server
 
@@ -234,22 +290,39 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
                           backend_factory=factory, publisher=publisher, config_path=args.config_path,
                           ttrpc_address=os.environ.get("TTRPC_ADDRESS", ""), debug=args.debug,
                           on_shutdown=stop.set)
-    mgmt = _mgmt_server(args, service)
+    rpc_times = _late_histogram()
     server = Server()
-    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"],
-                            timed_service(service, mgmt.task_rpc))
+    server.register_service(shim_pb2.DESCRIPTOR.services_by_name["Task"], timed_service(service, rpc_times))
     await server.start_unix(sock=sock)
     path = sock.getsockname()
-    log.info("serving sandbox %s on %s (pid %d)", service.sandbox_id, path, os.getpid())
-    try:
-        await mgmt.start()
-        write_monitor_address(args.bundle or os.getcwd(), mgmt.address)
-    except Exception:  # noqa: BLE001 - the Task API serves without the management socket
-        log.exception("management socket %s not started", mgmt.path)
+    since = f", {(time.time() - args.exec_time) * 1e3:.0f} ms after `start` was exec'd" if args.exec_time else ""
+    log.info("serving sandbox %s on %s (pid %d%s)", service.sandbox_id, path, os.getpid(), since)
+    mgmt: list[Any] = []
+
+    async def start_mgmt() -> None:
+        # aiohttp costs ~0.2 s to import: off the event loop, while containerd's first Create is
+        # served (the management socket is not on containerd's critical path)
+        await asyncio.to_thread(importlib.import_module, "shim.mgmt.server")
+        from shim.mgmt.server import write_monitor_address
+
+        server_ = _mgmt_server(args, service)
+        mgmt.append(server_)
+        rpc_times.attach(server_.task_rpc)
+        try:
+            await server_.start()
+            write_monitor_address(args.bundle or os.getcwd(), server_.address)
+        except Exception:  # noqa: BLE001 - the Task API serves without the management socket
+            log.exception("management socket %s not started", server_.path)
+
+    mgmt_task = asyncio.create_task(start_mgmt(), name="mgmt-start")
     try:
         await stop.wait()
     finally:
-        await mgmt.close()
+        mgmt_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await mgmt_task
+        for m in mgmt:
+            await m.close()
         await server.close()
         await service.close()
         await publisher.close()
@@ -257,6 +330,33 @@ async def serve(args: Args, factory: BackendFactory, sock: socket.socket) -> Non
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         log.info("shim exiting")
+
+
+def _late_histogram() -> Any:
+    from shim.mgmt.metrics import Histogram
+
+    class LateHistogram(Histogram):
+        """The Task RPC duration histogram until the management server (which owns the real
+        one) exists: observations are kept and handed over on :meth:`attach`."""
+
+        def __init__(self) -> None:
+            super().__init__("early", "")
+            self._target: Any = None
+            self._early: list[tuple[str, float]] = []
+
+        def observe(self, label: str, milliseconds: float) -> None:
+            if self._target is None:
+                self._early.append((label, milliseconds))
+            else:
+                self._target.observe(label, milliseconds)
+
+        def attach(self, target: Any) -> None:
+            self._target = target
+            for label, ms in self._early:
+                target.observe(label, ms)
+            self._early = []
+
+    return LateHistogram()
 
 
 def _mgmt_server(args: Args, service: Any) -> Any:
@@ -291,6 +391,12 @@ def _config_debug(config_path: str) -> bool:
 
 
 def cmd_serve(args: Args, factory: BackendFactory) -> int:
+    import asyncio
+    import socket
+
+    from shim import log as shim_log
+    from shim import persist
+
     sock = socket.socket(fileno=LISTEN_FD)
     group = args.group or args.id
     args.debug = args.debug or _config_debug(args.config_path)
@@ -303,11 +409,13 @@ def cmd_serve(args: Args, factory: BackendFactory) -> int:
 def main(argv: list[str] | None = None, backend_factory: BackendFactory | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
+        from common.version import VERSION
+
         print(f"containerd-shim-kata-colo-v2 (kata-colo) {VERSION}")
         return 0
     factory = _load_factory(backend_factory)
     if args.action == "start":
-        return cmd_start(args)
+        return cmd_start(args, factory)
     if args.action == "delete":
         logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr)
         return cmd_delete(args, factory)

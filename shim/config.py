@@ -40,6 +40,8 @@ ANNOTATION_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
 _SHARED_FS = ("virtio-9p", "none")
 _AGENT_TRANSPORTS = ("virtio-serial", "vsock", "hybrid-vsock")
+OCI_RUNTIMES = ("runc", "crun")
+MAX_VM_CACHE = 64
 DEFAULT_HYPERVISOR = "qemu"
 _VFIO_PORTS = ("no-port", "root-port")
 _SAFE_PARAM = re.compile(r"^[A-Za-z0-9_.,:=/+\- ]*$")
@@ -75,12 +77,28 @@ class HypervisorConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """``oci_runtime``: the OCI runtime the guest agent runs containers with (``runc`` or
+    ``crun``; both ship in the guest image)."""
+
     transport: str = "virtio-serial"
     vsock_port: int = 1024
     dial_timeout: float = 60.0
     enable_debug: bool = False
     runc_no_pivot: bool = True
+    oci_runtime: str = "runc"
     debug_console_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class FactoryConfig:
+    """``[factory]`` (kata's keys; paths under /run/kata-colo): ``enable_template`` starts VMs
+    as clones of a saved template VM kept at ``template_path``; ``vm_cache_number`` > 0 asks
+    the VM cache daemon at ``vm_cache_endpoint`` for a pre-booted clone first."""
+
+    enable_template: bool = False
+    template_path: str = "/run/kata-colo/vm/template"
+    vm_cache_number: int = 0
+    vm_cache_endpoint: str = "/run/kata-colo/cache.sock"
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,7 @@ class Config:
     agent: AgentConfig = AgentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     colo: ColoConfig = ColoConfig()
+    factory: FactoryConfig = FactoryConfig()
     storage: StorageConfig = StorageConfig()
     source: str = "<defaults>"
 
@@ -174,6 +193,15 @@ class Config:
         if self.agent.transport == "hybrid-vsock":
             _check(name == "clh", f"agent.kata.transport hybrid-vsock is Cloud Hypervisor's; {name} cannot serve it")
         _check(self.agent.dial_timeout > 0, "agent.kata.dial_timeout must be > 0")
+        _check(self.agent.oci_runtime in OCI_RUNTIMES, f"agent.kata.oci_runtime must be one of {OCI_RUNTIMES}")
+        fac = self.factory
+        for key_name in ("template_path", "vm_cache_endpoint"):
+            value = getattr(fac, key_name)
+            _check(os.path.isabs(value) and os.path.normpath(value) not in ("/", "/run", "/tmp"),
+                   f"factory.{key_name} must be an absolute path below a directory, not {value!r}")
+        _check(0 <= fac.vm_cache_number <= MAX_VM_CACHE, f"factory.vm_cache_number must be 0..{MAX_VM_CACHE}")
+        _check(not fac.vm_cache_number or fac.enable_template,
+               "factory.vm_cache_number > 0 needs factory.enable_template = true (cached VMs are template clones)")
         _check(0 <= self.runtime.admin_gid < 2**32 - 1, "runtime.admin_gid must be a gid >= 0 (0 = root only)")
         for key in ("hot_plug_vfio", "cold_plug_vfio"):
             _check(getattr(hv, key) in _VFIO_PORTS, f"{where}.{key} must be one of {_VFIO_PORTS}")
@@ -262,7 +290,7 @@ def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid configuration {source}: {exc}") from None
-    known = {"hypervisor", "agent", "runtime", "colo", "storage"}
+    known = {"hypervisor", "agent", "runtime", "colo", "storage", "factory"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"invalid configuration {source}: unknown section(s) {sorted(unknown)}")
@@ -295,6 +323,7 @@ def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host
         agent=_section(AgentConfig, raw.get("agent", {}).get("kata", {}), "agent.kata"),
         runtime=runtime,
         colo=colo,
+        factory=_section(FactoryConfig, raw.get("factory", {}), "factory"),
         storage=_section(StorageConfig, raw.get("storage", {}), "storage"),
         source=source,
     )

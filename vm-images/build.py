@@ -37,6 +37,7 @@ from image_agent import agent_key, agent_sources, build_agent, ensure_protos  # 
 from image_base import base_key, build_base  # noqa: E402
 from image_common import FORMAT_VERSION, IMAGE_DIR, RUNC_NO_PIVOT, say, sha256_file  # noqa: E402
 from image_debs import download, resolve_packages  # noqa: E402
+from image_rootfs import build_boot_initrd, build_rootfs_image  # noqa: E402
 
 KEEP_IMAGES = 3
 
@@ -104,8 +105,12 @@ def main(argv=None) -> int:
         else:
             stage = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=IMAGE_DIR))
             try:
-                n, import_errors = build_agent(base_dir, files, stage / "agent.cpio")
+                n, import_errors = build_agent(base_dir, files, stage / "agent.cpio", keep_tree=stage / ".agent-tree")
                 say(f"agent layer: {n} entries, {(stage / 'agent.cpio').stat().st_size >> 10} KiB")
+                size = build_rootfs_image(base_dir / "rootfs", stage / ".agent-tree", stage / "rootfs.erofs")
+                shutil.rmtree(stage / ".agent-tree")
+                say(f"root image: rootfs.erofs {size >> 20} MiB")
+                build_boot_initrd(base_dir / "rootfs", stage / "initrd-boot.cpio")
                 os.link(base_dir / "vmlinux", stage / "vmlinux")
                 with open(stage / "initramfs.cpio", "wb") as out:
                     for part in (base_dir / "base.cpio", stage / "agent.cpio"):
@@ -115,13 +120,15 @@ def main(argv=None) -> int:
                             else:
                                 shutil.copyfileobj(f, out, 1 << 20)
                 artifacts = {}
-                for a in ["vmlinux", "initramfs.cpio", "agent.cpio"]:
+                for a in ["vmlinux", "initramfs.cpio", "agent.cpio", "rootfs.erofs", "initrd-boot.cpio"]:
                     artifacts[a] = {"sha256": sha256_file(stage / a), "size": (stage / a).stat().st_size}
                 manifest = {
                     "format": FORMAT_VERSION, "key": name, "base_key": bkey, "agent_key": akey,
                     "kernel": base_meta["kernel"], "vmlinux": "vmlinux", "initrd": "initramfs.cpio",
                     "initrd_compression": args.compress, "boot": "pvh",
                     "kernel_cmdline": "console=ttyS0 panic=-1 quiet rdinit=/init",
+                    # the read-only root alternative: image = rootfs.erofs, initrd = initrd-boot.cpio
+                    "rootfs_image": "rootfs.erofs", "boot_initrd": "initrd-boot.cpio",
                     "modules": base_meta["modules"], "packages": base_meta["packages"],
                     "artifacts": artifacts, "runc_no_pivot": RUNC_NO_PIVOT,
                     "agent_import_errors": import_errors,

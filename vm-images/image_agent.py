@@ -101,7 +101,9 @@ def check_agent_imports(rootfs: Path, opt: Path, files: list[tuple[str, Path]]) 
     return [ln[5:] for ln in r.stdout.splitlines() if ln.startswith("FAIL ")]
 
 
-def build_agent(base_dir: Path, files: list[tuple[str, Path]], out: Path) -> tuple[int, list[str]]:
+def build_agent(base_dir: Path, files: list[tuple[str, Path]], out: Path,
+                keep_tree: Path | None = None) -> tuple[int, list[str]]:
+    """agent.cpio (and, with ``keep_tree``, the same tree as a directory: the root image)."""
     work = Path(tempfile.mkdtemp(prefix=".agent-", dir=out.parent))
     try:
         opt = work / "opt/kata-colo"
@@ -121,6 +123,8 @@ def build_agent(base_dir: Path, files: list[tuple[str, Path]], out: Path) -> tup
             c = Cpio(f)
             n = c.add_tree(work)
             c.trailer()
+        if keep_tree is not None:
+            shutil.copytree(work, keep_tree, symlinks=True)
         return n, problems
     finally:
         shutil.rmtree(work, ignore_errors=True)

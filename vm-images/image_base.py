@@ -55,7 +55,7 @@ def build_base(key: str, pkgs: dict[str, str], debs: dict[str, Path], dest: Path
             unpack(debs[p], root)
         say(f"userland: unpacked {len(USER_PACKAGES)} packages ({tree_size(root) >> 20} MiB)")
         prune(root)
-        guest = {"runc_no_pivot": RUNC_NO_PIVOT, "runc": "/usr/sbin/runc", "kernel": kver,
+        guest = {"runc_no_pivot": RUNC_NO_PIVOT, "runc": "/usr/sbin/runc", "crun": "/usr/bin/crun", "kernel": kver,
                  "python": "/usr/bin/python3", "pythonpath": "/opt/kata-colo",
                  "base_key": key, "modules": order}
         skeleton(root, guest)

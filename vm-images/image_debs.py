@@ -21,6 +21,8 @@ USER_PACKAGES = [
     "libpython3.11-minimal", "libpython3.11-stdlib", "python3.11-minimal",
     "libstdc++6", "libgcc-s1",          # google._upb._message (protobuf C extension)
     "runc", "libseccomp2",
+    # crun, the other guest OCI runtime ([agent.kata] oci_runtime = "crun"), and its libraries
+    "crun", "libyajl2", "libcap2", "libsystemd0", "libgcrypt20", "libzstd1", "liblz4-1", "libgpg-error0",
 ]
 
 

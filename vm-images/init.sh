@@ -6,6 +6,30 @@ export HOME=/root TERM=linux LANG=C.UTF-8 PYTHONUTF8=1 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH=/opt/kata-colo
 
 mount -t proc proc /proc
+# The boot initrd of a read-only root image (root=/dev/vdX, image_rootfs.py): load the modules,
+# mount the image and switch_root into it, where this same script runs the steps below.
+root_dev=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in root=/dev/*) root_dev="${arg#root=}" ;; esac
+done
+if [ -n "$root_dev" ] && [ ! -e /.kata-colo-image ]; then
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+    n=0
+    while read -r m; do
+        [ -n "$m" ] && insmod "/lib/modules/kata-colo/$m.ko" 2>/dev/null && n=$((n+1))
+    done < /lib/modules/kata-colo/load.order
+    echo "kata-colo-init: modules loaded: $n (boot initrd)" > /dev/console
+    mkdir -p /newroot
+    if ! mount -t erofs -o ro "$root_dev" /newroot; then
+        echo "kata-colo-init: cannot mount the root image $root_dev" > /dev/console
+        poweroff -f
+    fi
+    umount /sys
+    mount --move /dev /newroot/dev
+    umount /proc
+    exec switch_root /newroot /init
+fi
 # Optional: copy the initramfs into a tmpfs and switch_root into it, so runc can pivot_root
 # (costs the copy; default is to stay on the initramfs and run runc with --no-pivot).
 if [ ! -e /.kata-colo-switched ] && grep -q 'kata_colo.root=tmpfs' /proc/cmdline; then
@@ -55,10 +79,12 @@ for c in cpu cpuset memory pids; do
     echo "+$c" > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || log "cgroup controller $c unavailable"
 done
 
-# kernel modules, dependency order computed at build time
+# kernel modules, dependency order computed at build time (those the boot initrd of a root image
+# loaded already are skipped)
 n=0
 while read -r m; do
     [ -n "$m" ] || continue
+    [ -e "/sys/module/$m" ] && continue
     if insmod "/lib/modules/kata-colo/$m.ko" 2>/dev/null; then n=$((n+1)); else log "insmod $m failed"; fi
     [ "$debug" = 1 ] && log "insmod $m done uptime=$(cut -d' ' -f1 /proc/uptime)"
 done < /lib/modules/kata-colo/load.order
@@ -85,6 +111,7 @@ if [ "$selftest" = 1 ]; then
         || echo "kata-colo-selftest: agent layer imports FAILED"
     log "cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
     echo "kata-colo-selftest: runc $(runc --version | head -n1)"
+    echo "kata-colo-selftest: crun $(crun --version | head -n1)"
     log "selftest done uptime=$(cut -d' ' -f1 /proc/uptime)"
 fi
 

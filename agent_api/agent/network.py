@@ -8,7 +8,9 @@ neighbour and does not print a route's protocol.
 
 Semantics follow kata's agent:
 
-* UpdateInterface finds the link by MAC (by name only when no MAC is given), brings it down,
+* UpdateInterface finds the link by MAC (by name only when no MAC is given; with a
+  ``devicePath`` — a NIC the host hot-plugged — it waits up to :data:`HOTPLUG_WAIT` seconds for
+  the guest kernel to create it), brings it down,
   renames it (e.g. to eth0), replaces all its addresses (v4 and v6), sets MTU and ARP, brings it
   up.
 * UpdateRoutes replaces the main-table routes of every non-loopback link: routes the kernel made
@@ -21,6 +23,7 @@ All input is validated before anything is changed.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -42,6 +45,8 @@ MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 ARPHRD = {1: "ether", 772: "loopback", 65534: "none"}
 IFF_NOARP = 0x80
 FAMILIES = {types_pb2.v4: socket.AF_INET, types_pb2.v6: socket.AF_INET6}
+HOTPLUG_WAIT = 20.0
+HOTPLUG_POLL = 0.02
 Runner = Callable[[list[str]], Awaitable[RunResult]]
 
 
@@ -263,10 +268,23 @@ class Network:
             return iface.name
         raise NotFound(f"no link named {iface.name!r}")
 
+    async def _wait_link(self, iface: types_pb2.Interface) -> str:
+        """A hot-plugged NIC appears once the guest's PCIe hotplug and virtio-net probe ran."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HOTPLUG_WAIT
+        while True:
+            try:
+                return self._find_link(iface)
+            except NotFound:
+                if loop.time() > deadline:
+                    raise NotFound(f"no link with MAC {iface.hwAddr} (PCI {iface.devicePath[:32]}) "
+                                   f"after {HOTPLUG_WAIT:.0f}s") from None
+            await asyncio.sleep(HOTPLUG_POLL)
+
     async def update_interface(self, iface: types_pb2.Interface) -> types_pb2.Interface:
         check_interface(iface)
         cidrs = [check_address(a.address, a.mask) for a in iface.IPAddresses]
-        name = self._find_link(iface)
+        name = await self._wait_link(iface) if iface.devicePath else self._find_link(iface)
         new_name = iface.name or name
         if new_name != name and new_name in link_names(self.sys_net):
             raise AlreadyExists(f"cannot rename {name} to {new_name}: another link has that name")

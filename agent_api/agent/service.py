@@ -8,7 +8,7 @@ import logging
 
 from google.protobuf import empty_pb2
 
-from agent_api.agent import AGENT_VERSION
+from agent_api.agent import AGENT_VERSION, guest_identity
 from agent_api.agent import guest_details as guest
 from agent_api.agent.colo import Colo
 from agent_api.agent.containers import Containers
@@ -55,6 +55,14 @@ class AgentService:
 
     async def GetOOMEvent(self, req: agent_pb2.GetOOMEventRequest, ctx: ServerContext) -> agent_pb2.OOMEvent:
         return agent_pb2.OOMEvent(container_id=await self.sandbox.oom_events.get())
+
+    async def ReseedRandomDev(self, req: agent_pb2.ReseedRandomDevRequest, ctx: ServerContext) -> EMPTY:
+        guest_identity.reseed(req.data)
+        return EMPTY()
+
+    async def SetGuestDateTime(self, req: agent_pb2.SetGuestDateTimeRequest, ctx: ServerContext) -> EMPTY:
+        guest_identity.set_time(req.Sec, req.Usec)
+        return EMPTY()
 
     # -- containers -------------------------------------------------------------------------
     async def CreateContainer(self, req: agent_pb2.CreateContainerRequest, ctx: ServerContext) -> EMPTY:

@@ -6,6 +6,8 @@ table); every conversion goes through :mod:`agent_api.client.convert`.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from agent_api.client import convert
@@ -41,6 +43,14 @@ class GuestAgent:
     async def create_sandbox(self, sandbox_id: str, *, hostname: str, storages: list[Any]) -> None:
         """CreateSandbox with the storages the sandbox's resources contribute (the 9p share)."""
         await self.client.create_sandbox(sandbox_id=sandbox_id, hostname=hostname, storages=storages)
+
+    async def reset_identity(self, seed: bytes, clock: Callable[[], float] = time.time) -> None:
+        """A restored template clone becomes its own machine (kata's factory GetVM): reseed the
+        guest RNG with ``seed``, then set its clock to ``clock()`` (read just before sending)."""
+        await self.client.reseed_random_dev(seed)
+        now = clock()
+        sec = int(now)
+        await self.client.set_guest_date_time(sec, int((now - sec) * 1_000_000))
 
     async def configure_network(self, interfaces: list[dict[str, Any]], routes: list[dict[str, Any]],
                                 neighbors: list[dict[str, Any]]) -> None:

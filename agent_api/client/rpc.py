@@ -35,6 +35,7 @@ TIMEOUTS: dict[str, float | None] = {
     # sandbox
     "CreateSandbox": 60.0, "DestroySandbox": 30.0, "OnlineCPUMem": 30.0,
     "GetGuestDetails": 10.0, "GetMetrics": 10.0, "GetOOMEvent": None,
+    "ReseedRandomDev": 10.0, "SetGuestDateTime": 10.0,
     # network
     "UpdateInterface": 30.0, "UpdateRoutes": 30.0, "ListInterfaces": 10.0, "ListRoutes": 10.0,
     "AddARPNeighbors": 30.0,
@@ -133,6 +134,13 @@ class AgentClient:
         return await self._agent("GetGuestDetails", agent_pb2.GuestDetailsRequest(
             mem_block_size=mem_block_size, mem_hotplug_probe=mem_hotplug_probe),
             agent_pb2.GuestDetailsResponse)
+
+    async def reseed_random_dev(self, data: bytes) -> None:
+        """Mix ``data`` into the guest kernel's RNG and reseed it (a restored clone)."""
+        await self._agent("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=data))
+
+    async def set_guest_date_time(self, sec: int, usec: int) -> None:
+        await self._agent("SetGuestDateTime", agent_pb2.SetGuestDateTimeRequest(Sec=sec, Usec=usec))
 
     async def get_metrics(self) -> str:
         resp = await self._agent("GetMetrics", agent_pb2.GetMetricsRequest(), agent_pb2.Metrics)

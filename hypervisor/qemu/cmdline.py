@@ -23,6 +23,7 @@ MIN_MEMORY_MIB = 64
 MAX_VCPUS = 255
 RESOLVED_ACCELS = ("kvm", "tcg")
 BLOCK_DRIVERS = ("virtio-blk", "virtio-scsi", "nvme")
+MEMORY_BACKEND_ID = "ram0"
 SCSI_CONTROLLER = "scsi0"
 #: Cold-plugged VFIO devices each get their own root port, after the hot-plug ones (kata's
 #: ``cold_plug_vfio = "root-port"``); chassis numbers continue from theirs.
@@ -151,6 +152,14 @@ def validate(cfg: VmConfig) -> None:
         raise InvalidArgument(f"pcie_root_ports must be 0..32, not {opts.pcie_root_ports}")
     if opts.pcie_root_ports and opts.machine_type != "q35":
         raise InvalidArgument("pcie root ports need machine q35")
+    if cfg.memory_file:
+        if not os.path.isabs(cfg.memory_file):
+            raise InvalidArgument(f"memory_file must be an absolute path, not {cfg.memory_file!r}")
+        if not cfg.memory_shared and opts.enable_balloon and opts.reclaim_guest_freed_memory:
+            # QEMU 7.2 discards a freed page of a private file mapping by punching a hole in the
+            # FILE (ram_block_discard_range): every other clone of the template would read zeros
+            raise InvalidArgument("free page reporting (reclaim_guest_freed_memory) cannot run on a "
+                                  "copy-on-write memory file: QEMU would punch holes in the template")
     if cfg.agent_channel == "vsock":
         if not 3 <= cfg.vsock_cid < 0xFFFFFFFF:
             raise InvalidArgument(f"vsock guest cid must be >= 3, not {cfg.vsock_cid}")
@@ -209,8 +218,10 @@ def check_device_id(dev_id: str) -> str:
     return dev_id
 
 
-def build_argv(cfg: VmConfig, accel: str) -> list[str]:
-    """The complete argv (argv[0] = the QEMU binary). ``accel`` is ``kvm`` or ``tcg`` (resolved)."""
+def build_argv(cfg: VmConfig, accel: str, *, incoming: bool = False) -> list[str]:
+    """The complete argv (argv[0] = the QEMU binary). ``accel`` is ``kvm`` or ``tcg`` (resolved).
+    ``incoming``: wait for the device state of a saved VM (``migrate-incoming``) instead of
+    booting."""
     validate(cfg)
     if accel not in RESOLVED_ACCELS:
         raise InvalidArgument(f"accelerator must be resolved to one of {RESOLVED_ACCELS}, not {accel!r}")
@@ -219,8 +230,9 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
     argv = [cfg.hypervisor_path,
             "-name", f"{cfg.vm_id},debug-threads=on",
             "-no-user-config", "-nodefaults", "-nographic", "-no-reboot",
-            "-machine", opts.machine_type]
-    argv += ["-accel", "tcg,thread=multi"] if accel == "tcg" else ["-accel", "kvm"]
+            "-machine", opts.machine_type + (f",memory-backend={MEMORY_BACKEND_ID}" if cfg.memory_file else "")]
+    tcg = "tcg,thread=multi" + (f",tb-size={opts.tcg_tb_size}" if opts.tcg_tb_size else "")
+    argv += ["-accel", tcg] if accel == "tcg" else ["-accel", "kvm"]
     argv += ["-cpu", opts.cpu_model or ("max" if accel == "tcg" else "host")]
     max_vcpus = cfg.max_vcpus or cfg.vcpus
     argv += ["-smp", f"{cfg.vcpus},maxcpus={max_vcpus}"]
@@ -228,6 +240,8 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
         argv += ["-m", f"{cfg.memory_mib}M,slots={opts.memory_slots},maxmem={cfg.max_memory_mib}M"]
     else:
         argv += ["-m", f"{cfg.memory_mib}M"]
+    if cfg.memory_file:
+        argv += memory_file_args(cfg)
     argv += ["-kernel", cfg.kernel]
     if cfg.initrd:
         argv += ["-initrd", cfg.initrd]
@@ -265,10 +279,24 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
     for i, dev in enumerate(cfg.vfio):
         argv += vfio_args(i, dev, opts.pcie_root_ports)
     if opts.enable_balloon:
-        argv += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"]
+        reporting = ",free-page-reporting=on" if opts.reclaim_guest_freed_memory else ""
+        argv += ["-device", f"virtio-balloon-pci,id=balloon0,deflate-on-oom=on{reporting}"]
+    if cfg.memory_file:
+        # a new generation id per VM process: a restored clone's kernel reseeds its RNG on it
+        argv += ["-device", "vmgenid,id=vmgenid0,guid=auto"]
     if cfg.debug:
         argv += ["-msg", "timestamp=on"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv
+
+
+def memory_file_args(cfg: VmConfig) -> list[str]:
+    """Guest RAM in ``cfg.memory_file`` (the machine's memory backend): shared = the file holds
+    the RAM (a template), private = copy-on-write over it (a clone)."""
+    share = "on" if cfg.memory_shared else "off"
+    return ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={cfg.memory_mib}M,"
+                       f"mem-path={opt_value(cfg.memory_file, 'memory file')},share={share}"]
 
 
 def needs_scsi_controller(cfg: VmConfig) -> bool:

@@ -16,18 +16,23 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from common.errors import DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument, KataColoError
+from common.mount import mounts_under
 from hypervisor import host
-from hypervisor.base import AgentAddress, Capabilities, VcpuThreads, VmConfig
+from hypervisor.base import AgentAddress, Capabilities, VcpuThreads, VmConfig, vm_config_to_dict
 from hypervisor.qemu import cmdline
 from hypervisor.qemu.cmdline import VmPaths
 from hypervisor.qemu.hotplug import HotplugMixin, Plugged
 from hypervisor.qemu.memory import MemoryMixin
 from hypervisor.qemu.monitor import QmpMonitor
 from hypervisor.qemu.options import QemuOptions
+from hypervisor.qemu.template import AdoptedProcess, SnapshotMixin
+
+ReadyStep = Callable[[QmpMonitor, float], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,9 @@ def _pid_alive(pid: int) -> bool:
     return False
 
 
-class QemuHypervisor(HotplugMixin, MemoryMixin):
-    """Implements hypervisor.base.Hypervisor (+ PauseResume, DeviceHotplug, MemoryControl)."""
+class QemuHypervisor(HotplugMixin, MemoryMixin, SnapshotMixin):
+    """Implements hypervisor.base.Hypervisor (+ PauseResume, DeviceHotplug, MemoryControl,
+    Snapshot)."""
 
     name = "qemu"
     Options = QemuOptions
@@ -75,13 +81,15 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
         self._paths: VmPaths | None = None
         self._argv: list[str] = []
         self._created_dir = False
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: asyncio.subprocess.Process | AdoptedProcess | None = None
         self._exited: asyncio.Future[int] | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._monitor: QmpMonitor | None = None
         self._devices: dict[str, Plugged] = {}
         self._dimms: list[tuple[str, int]] = []
         self._stats_polling = False
+        self._accel = "tcg"
+        self._released = False
         self.shutdown_reason: str | None = None
 
     # -- accessors ----------------------------------------------------------------------------
@@ -118,7 +126,8 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
                             block_drivers=cmdline.BLOCK_DRIVERS,
                             hotplug=("net", "block", "vfio") if opts.pcie_root_ports else (),
                             multiqueue_net=True,
-                            memory=self.memory_mechanisms() if self._cfg is not None else ())
+                            memory=self.memory_mechanisms() if self._cfg is not None else (),
+                            clone_memory_file=True)
 
     def accel(self) -> str:
         """The accelerator the VM runs (or would run) with on this host: kvm or tcg."""
@@ -130,9 +139,12 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
             raise FailedPrecondition("hypervisor not prepared")
         return self._cfg, self._paths
 
-    def record(self) -> dict[str, object]:
-        _, paths = self._require_prepared()
-        return {"state_dir": paths.state_dir, "pid": self.vmm_pid() or 0}
+    def record(self) -> dict[str, Any]:
+        """state_dir + pid (what :meth:`recover` needs) and the VM's config (what
+        :meth:`adopt` needs in another process)."""
+        cfg, paths = self._require_prepared()
+        return {"state_dir": paths.state_dir, "pid": self.vmm_pid() or 0, "vm_id": cfg.vm_id,
+                "config": vm_config_to_dict(cfg)}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -155,9 +167,19 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
                 f.write(cfg.vm_id + "\n")
         elif os.path.exists(paths.qmp_socket) or os.path.exists(paths.pidfile):
             raise FailedPrecondition(f"{cfg.state_dir} holds another VM's files; clean it up first")
-        self._cfg, self._paths, self._argv = cfg, paths, argv
+        self._cfg, self._paths, self._argv, self._accel = cfg, paths, argv, accel
 
     async def start(self, timeout: float) -> None:
+        await self._launch(self._argv, timeout, None)
+
+    def _incoming_argv(self) -> list[str]:
+        cfg, _ = self._require_prepared()
+        return cmdline.build_argv(cfg, self._accel, incoming=True)
+
+    async def _launch(self, argv: list[str], timeout: float, ready: ReadyStep | None) -> None:
+        """Run QEMU with ``argv``, connect QMP, then ``ready(monitor, remaining)`` (a restore's
+        incoming migration) or, without it, check the VM runs. On failure QEMU is killed and
+        every file removed, the error carrying the tails of QEMU's and the console's output."""
         cfg, paths = self._require_prepared()
         if self._proc is not None:
             raise FailedPrecondition("VM already started")
@@ -168,18 +190,22 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
             pass_fds += (cfg.vsock_fd,)
         with open(paths.qemu_log, "ab") as qlog:
             try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
                     start_new_session=True, pass_fds=pass_fds)
             except OSError as exc:
                 await self._discard_files()
                 raise HypervisorError(f"cannot execute {cfg.hypervisor_path}: {exc}") from None
-        self._exited = loop.create_future()
-        self._reaper = asyncio.create_task(self._reap(self._proc), name=f"qemu-reaper {cfg.vm_id}")
-        self._monitor = QmpMonitor(paths.qmp_socket)
-        self._monitor.add_listener("SHUTDOWN", self._on_shutdown)
+        self._track(proc)
         try:
             await self._await_boot(timeout)
+            if ready is not None:
+                assert self._monitor is not None
+                await ready(self._monitor, max(0.1, t0 + timeout - loop.time()))
+            else:
+                status = await self.monitor.query_status()
+                if not status.get("running"):
+                    raise HypervisorError(f"VM not running after start: {status.get('status')}")
         except BaseException as exc:
             detail = self._failure_detail()
             await self._teardown_process(force=True, timeout=2.0)
@@ -188,9 +214,33 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
                 exc.message = f"{exc.message}{detail}"
                 raise
             raise
-        log.info("qemu for %s up (pid %d) in %.2fs", cfg.vm_id, self._proc.pid, loop.time() - t0)
+        log.info("qemu for %s up (pid %d) in %.2fs%s", cfg.vm_id, proc.pid, loop.time() - t0,
+                 " (restored)" if ready is not None else "")
+
+    def _track(self, proc: asyncio.subprocess.Process | AdoptedProcess) -> None:
+        cfg, paths = self._require_prepared()
+        self._proc = proc
+        self._exited = asyncio.get_running_loop().create_future()
+        self._reaper = asyncio.create_task(self._reap(proc), name=f"qemu-reaper {cfg.vm_id}")
+        self._monitor = QmpMonitor(paths.qmp_socket)
+        self._monitor.add_listener("SHUTDOWN", self._on_shutdown)
+
+    async def _attach(self, proc: AdoptedProcess, timeout: float) -> None:
+        """Drive an already running QEMU (:meth:`adopt`): watch it, connect QMP."""
+        self._track(proc)
+        try:
+            await self._await_boot(timeout)
+        except BaseException:
+            if self._monitor is not None:
+                await self._monitor.close()
+            if self._reaper is not None:
+                self._reaper.cancel()
+            self._proc = self._exited = self._reaper = self._monitor = None
+            raise
+        log.info("qemu for %s adopted (pid %d)", self._require_prepared()[0].vm_id, proc.pid)
 
     async def _await_boot(self, timeout: float) -> None:
+        """Connect QMP, giving up when QEMU exits first."""
         assert self._monitor is not None and self._exited is not None
         connect = asyncio.ensure_future(self._monitor.connect(timeout))
         exited = asyncio.shield(self._exited)
@@ -212,9 +262,6 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
                 raise HypervisorError(
                     f"qemu exited with status {self._exited.result()} during boot") from None
             raise HypervisorError(f"QMP handshake failed during boot: {exc}") from None
-        status = await self._monitor.query_status()
-        if not status.get("running"):
-            raise HypervisorError(f"VM not running after start: {status.get('status')}")
 
     def console_tail(self, limit: int = 4096) -> str:
         return _tail(self._paths.console_log, limit) if self._paths is not None else ""
@@ -229,7 +276,7 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
                 parts.append(f"\n--- {label} output (tail) ---\n{text}")
         return "".join(parts)
 
-    async def _reap(self, proc: asyncio.subprocess.Process) -> None:
+    async def _reap(self, proc: asyncio.subprocess.Process | AdoptedProcess) -> None:
         rc = await proc.wait()
         log.info("qemu pid %d exited with %d", proc.pid, rc)
         if self._exited is not None and not self._exited.done():
@@ -248,6 +295,8 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
         return self._exited is not None and not self._exited.done()
 
     async def stop(self, force: bool = False, timeout: float = 10.0) -> None:
+        if self._released:
+            return  # another process owns the VM now
         await self._teardown_process(force=force, timeout=timeout)
 
     async def _teardown_process(self, force: bool, timeout: float) -> None:
@@ -278,6 +327,8 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
             await asyncio.wait_for(asyncio.shield(self._exited), timeout)
 
     async def cleanup(self) -> None:
+        if self._released:
+            return
         await self._teardown_process(force=True, timeout=0)
         await self._discard_files()
 
@@ -297,6 +348,9 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
         if remove_dir is None:
             remove_dir = os.path.exists(paths.marker)
         if remove_dir:
+            busy = mounts_under(state_dir)
+            if busy:  # never delete through a mount (a share bound below a VM's own dir)
+                raise HypervisorError(f"{state_dir} still has mounts below it ({busy[0]}); not removing it")
             shutil.rmtree(state_dir, ignore_errors=True)
             return
         for path in paths.files():
@@ -375,6 +429,15 @@ class QemuHypervisor(HotplugMixin, MemoryMixin):
                                       f"of qemu pid {pid}")
             threads[cpu.cpu_index] = cpu.thread_id
         return threads
+
+    async def balloon(self, target_bytes: int) -> None:
+        cfg, _ = self._require_prepared()
+        if cfg.memory_file and not cfg.memory_shared:
+            # QEMU 7.2 discards inflated pages of a private file mapping by punching holes in the
+            # file itself: the template every other clone maps would read zeros there
+            raise FailedPrecondition("the balloon cannot be inflated on a template clone (QEMU would "
+                                     "discard pages of the shared template file)")
+        await super().balloon(target_bytes)
 
     async def pause(self) -> None:
         await self.monitor.stop()

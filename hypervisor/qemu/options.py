@@ -24,8 +24,11 @@ class QemuOptions:
     share is kept safe by 0700 directories and ``nosuid,nodev`` binds; ``mapped-xattr`` stores
     what the guest writes as plain 0600 files with the owner and mode in xattrs, but then host
     symlinks (every image's /bin) do not resolve in the guest, so it suits only shares that hold
-    no image content. ``block_device_driver`` (kata's key) is the controller of the block rootfs
-    disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
+    no image content. ``reclaim_guest_freed_memory`` (kata's key) gives the balloon device free
+    page reporting: pages the guest frees go back to the host. ``tcg_tb_size`` is the TCG
+    translation cache in MiB (0 = QEMU's default, 1 GiB of address space that fills as guest
+    code is translated; smaller costs retranslation). ``block_device_driver`` (kata's key) is
+    the controller of the block rootfs disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
     ``virtio-scsi`` (LUNs on one controller created at boot; hot-plug needs no port)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
@@ -38,6 +41,8 @@ class QemuOptions:
     disable_vhost_net: bool = False
     pcie_root_ports: int = 0
     ninep_security_model: str = "none"
+    reclaim_guest_freed_memory: bool = False
+    tcg_tb_size: int = 0
     block_device_driver: str = "virtio-blk"
 
     def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
@@ -52,6 +57,7 @@ class QemuOptions:
         check(not self.pcie_root_ports or self.machine_type == "q35", "pcie_root_ports needs machine_type q35")
         check(self.ninep_security_model in NINEP_SECURITY_MODELS,
               f"ninep_security_model must be one of {NINEP_SECURITY_MODELS}")
+        check(0 <= self.tcg_tb_size <= 4096, "tcg_tb_size must be 0..4096 (MiB)")
         check(self.block_device_driver in BLOCK_DEVICE_DRIVERS,
               f"block_device_driver must be one of {BLOCK_DEVICE_DRIVERS}")
         return self

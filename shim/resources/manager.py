@@ -43,7 +43,12 @@ MAX_JOURNAL_BYTES = 4 << 20
 @dataclass
 class ResourceContext:
     """What resources see. Before boot: ids, paths, the configuration and the sandbox spec,
-    the (unstarted) hypervisor. After boot also ``agent`` (a connected GuestAgent)."""
+    the (unstarted) hypervisor. After boot also ``agent`` (a connected GuestAgent).
+
+    ``plugged_at_boot`` False: the VM was not booted with the devices before_boot returned (a
+    template clone): they were hot-plugged right after it resumed, ``attached`` maps each
+    device id to its AttachedDevice (guest PCI path).
+    """
 
     sandbox_id: str
     state_dir: Path
@@ -53,6 +58,8 @@ class ResourceContext:
     vcpus: int = 1
     agent: Any = None
     persist: Callable[[], None] = lambda: None
+    plugged_at_boot: bool = True
+    attached: dict[str, Any] = field(default_factory=dict)
 
     @property
     def annotations(self) -> dict[str, str]:

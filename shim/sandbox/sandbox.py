@@ -5,7 +5,12 @@ operations and the management server share (built once at the composition root, 
 resources' before-boot phase (each journaled first, :mod:`shim.resources.manager`) → the
 hypervisor driver named by ``[runtime] hypervisor`` (:mod:`hypervisor.registry`; the sandbox
 imports no concrete driver) prepares, is journaled, starts → the agent connects → CreateSandbox
-(hostname, the resources' storages) → the resources' after-boot phase. A failure at any step
+(hostname, the resources' storages) → the resources' after-boot phase. The VM itself comes from
+:class:`shim.factory.factory.VmFactory`: a cold boot, a clone of the VM template or a
+pre-booted clone from the VM cache (``[factory]``); a clone is resumed, gets the pod's devices
+hot-plugged and its guest RNG reseeded and clock set. The VM has its own id (``<state>/vm``
+holds its files; a pre-booted VM's directory ``/run/kata-colo/vm/<vm-id>`` is linked there).
+A failure at any step
 runs :meth:`stop`, which releases exactly what was made. :func:`recover` does the same from the
 journal alone, for ``delete`` after the shim was killed at any moment.
 """
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -28,6 +34,8 @@ from hypervisor.base import AgentAddress, GuestConsole, Hypervisor, apply_patche
 from shim import config as cfgmod
 from shim import resources
 from shim.backend import BackendContext, CreateOpts
+from shim.factory import vmdir
+from shim.factory.factory import VmFactory
 from shim.resources import manager as resource_manager
 from shim.resources.manager import ResourceContext, ResourceManager
 from shim.sandbox.vmconfig import vm_config
@@ -36,6 +44,7 @@ log = logging.getLogger(__name__)
 
 VM_RECORD = "vm"
 STOP_TIMEOUT = 5.0
+RNG_SEED_BYTES = 512  # kata's ReseedRNG: from the host's urandom
 
 
 class State(enum.Enum):
@@ -75,7 +84,8 @@ class Sandbox:
         self.ctx = ctx
         self.id = ctx.sandbox_id
         self.state_dir = Path(ctx.state_dir)
-        self.vm_dir = self.state_dir / "vm"
+        # the VM's files; a pre-booted VM's are in its own dir, linked here (shim.factory.vmdir)
+        self.vm_dir = self.state_dir / vmdir.SANDBOX_LINK
         self.resources = ResourceManager(self.id, self.state_dir)
         self.state = State.NEW
         self.cfg: cfgmod.Config | None = None
@@ -120,28 +130,40 @@ class Sandbox:
         self._rctx = rctx
         wanted = resources.for_sandbox(rctx)
         patches = await self.resources.before_boot(wanted, rctx)
-        vmcfg = apply_patches(vm_config(cfg, self.id, self.vm_dir), patches)
+        vm_id = vmdir.new_vm_id()  # the VM's identity is not the sandbox's (a cached clone's is older)
+        vmcfg = apply_patches(vm_config(cfg, vm_id, self.vm_dir), patches)
         cid: host.VsockCid | None = None
         if vmcfg.agent_channel == "vsock":  # kata's FindContextID: a CID reserved on an fd the VMM gets
             cid = await asyncio.to_thread(host.reserve_vsock_cid)
             vmcfg = replace(vmcfg, vsock_cid=cid.cid, vsock_fd=cid.fd)
         try:
-            await hv.prepare(vmcfg)
-            self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})
-            await hv.start(timeout=cfg.hypervisor.boot_timeout)
+            hv, how, rctx.attached = await self._vm_factory(cfg).start_vm(
+                hv, vmcfg, self._journal_vm, boot_timeout=cfg.hypervisor.boot_timeout)
         finally:
             if cid is not None:
                 cid.close()  # the VMM holds its own copy (or failed)
-        self.resources.note(VM_RECORD, {"driver": hv.name, **hv.record()})  # now with the pid
+        self.hv = rctx.hypervisor = hv
+        rctx.plugged_at_boot = how == "cold"  # a clone got the pod's devices hot-plugged
+        if how == "cache":  # kata's VM.assignSandbox: the VM's own dir, made before the sandbox
+            vmdir.assign_sandbox(str(hv.record().get("state_dir", "")), self.state_dir)
         self.started_at = time.time()
         self.spawn(self._watch_vm(hv))
         agent = self._agent_factory(hv.agent_address())
         self.agent = agent
         await agent.connect(timeout=cfg.agent.dial_timeout, vm_gone=self.vm_gone)
+        if how != "cold":  # every clone resumed with the template's RNG state and clock
+            await agent.reset_identity(os.urandom(RNG_SEED_BYTES))
         storages = [s for r in self.resources.resources() for s in getattr(r, "guest_storages", list)()]
         await agent.create_sandbox(self.id, hostname=_hostname(dict(opts.spec), self.id), storages=storages)
         rctx.agent = agent
         await self.resources.after_boot(rctx)
+
+    def _journal_vm(self, driver: str, record: dict[str, Any]) -> None:
+        """The VM record, written before its VMM starts (or before a cached one is ours)."""
+        self.resources.note(VM_RECORD, {"driver": driver, **record})
+
+    def _vm_factory(self, cfg: cfgmod.Config) -> VmFactory:
+        return VmFactory(cfg, sandbox_id=self.id, hypervisor_factory=self._hypervisor_factory)
 
     async def _watch_vm(self, hv: Hypervisor) -> None:
         rc = await hv.wait()

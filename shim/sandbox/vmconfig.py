@@ -16,6 +16,7 @@ def kernel_params(cfg: cfgmod.Config) -> str:
     return " ".join(p for p in (cfg.hypervisor.kernel_params,
                                 "agent.log=debug" if cfg.agent.enable_debug else "",
                                 "agent.runc_no_pivot=1" if cfg.agent.runc_no_pivot else "",
+                                f"agent.runc={cfg.agent.oci_runtime}" if cfg.agent.oci_runtime != "runc" else "",
                                 "agent.debug_console" if cfg.agent.debug_console_enabled else "") if p)
 
 

@@ -2,8 +2,11 @@
 
 Before boot: every veth in the sandbox spec's network namespace gets a tap with tc mirred
 redirects (journaled before each is made), and the taps become the VM's virtio-net NICs. After
-boot: the shim's copies of the tap fds are closed (QEMU holds its own) and the guest gets the
-interfaces, routes and neighbours. Teardown and recovery remove exactly what was added.
+boot: when the VM did not get them at boot (a template clone: ``ctx.plugged_at_boot`` False)
+the VM factory hot-plugged them, each with its veth's MAC, and the guest is told their PCI paths
+(``ctx.attached``) so it waits for them; the shim's copies of the tap fds are closed (QEMU holds
+its own) and the guest gets the interfaces, routes and neighbours. Teardown and recovery remove
+exactly what was added (hot-plugged NICs go with the VM).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import asyncio
 import logging
 from typing import Any, ClassVar
 
-from common.errors import ResourceError
+from common.errors import FailedPrecondition, ResourceError
 from hypervisor.base import VmPatch
 from shim.resources.manager import ResourceContext
 from shim.resources.network import pod as podnet
@@ -49,8 +52,23 @@ class NetworkResource:
     async def after_boot(self, ctx: ResourceContext) -> None:
         if self.pod is None:
             return
+        interfaces, routes, neighbors = self.pod.guest_config()
+        if not ctx.plugged_at_boot:
+            paths = self._hot_plugged_paths(ctx)
+            interfaces = [dict(i, devicePath=paths[str(i.get("hwAddr", "")).lower()]) for i in interfaces]
         self.pod.close_fds()  # QEMU holds its own copies now
-        await ctx.agent.configure_network(*self.pod.guest_config())
+        await ctx.agent.configure_network(interfaces, routes, neighbors)
+
+    def _hot_plugged_paths(self, ctx: ResourceContext) -> dict[str, str]:
+        """{MAC: guest PCI path} of this pod's NICs the VM factory hot-plugged into a clone."""
+        assert self.pod is not None
+        paths = {}
+        for nic in self.pod.nics():
+            attached = ctx.attached.get(nic.id)
+            if attached is None:
+                raise FailedPrecondition(f"sandbox {ctx.sandbox_id}: NIC {nic.id} was not plugged into the clone")
+            paths[nic.mac.lower()] = attached.guest_pci_path or nic.id
+        return paths
 
     async def teardown(self) -> None:
         if self.pod is not None:

@@ -6,9 +6,6 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from common.errors import ResourceError
 from shim.resources.network.endpoint import (
     IPAddr,
@@ -73,6 +70,8 @@ def _neighbors(msgs: Iterable[Any]) -> tuple[Neighbor, ...]:
 
 
 def _scan_here() -> list[VethEndpoint]:
+    from pyroute2 import IPRoute  # imported by scan_netns (in this thread's original netns)
+
     endpoints: list[VethEndpoint] = []
     with IPRoute(groups=0) as ipr:
         for link in ipr.get_links():
@@ -98,6 +97,10 @@ def scan_netns(netns_path: str) -> list[VethEndpoint]:
 
     NotFound / InvalidArgument for a bad path, ResourceError if netlink fails.
     """
+    # pyroute2 costs ~0.1 s to import: only sandboxes with a network namespace pay it
+    from pyroute2 import IPRoute  # noqa: F401 - loaded here, outside the netns thread
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         return run_in_netns(netns_path, _scan_here)
     except NetlinkError as exc:

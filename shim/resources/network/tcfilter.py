@@ -27,13 +27,14 @@ from shim.resources.network.state import STEPS, TcFilterState
 from shim.resources.network.tap import MAX_QUEUES, check_ifname, tap_flags
 from shim.resources.network.tc_common import TcBackend, ifindex
 from shim.resources.network.tc_fast import FastBackend, load_speedups
-from shim.resources.network.tc_pyroute2 import Pyroute2Backend
 
 BackendName = Literal["auto", "cython", "pyroute2"]
 
 
 def make_backend(name: BackendName = "auto") -> TcBackend:
     if name == "pyroute2" or (name == "auto" and load_speedups() is None):
+        from shim.resources.network.tc_pyroute2 import Pyroute2Backend  # a heavy import, when needed
+
         return Pyroute2Backend()
     if name in ("cython", "auto"):
         return FastBackend()

@@ -3,6 +3,7 @@ network parsing, commands, route/neighbour semantics and validation; cgroup stat
 and OOM counters, CPU/memory onlining, metrics."""
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -365,3 +366,30 @@ def test_metrics_text() -> None:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
+
+
+async def test_update_interface_waits_for_a_hot_plugged_nic(tmp_path: Path, monkeypatch) -> None:
+    from agent_api.agent import network as netmod
+
+    net, ip = network(tmp_path)
+    sysfs = tmp_path / "net"
+    iface = types_pb2.Interface(name="eth1", hwAddr="52:54:00:00:00:99", devicePath="03/00")
+
+    async def plug_later() -> None:
+        await asyncio.sleep(0.1)  # the guest kernel's PCIe hotplug + virtio-net probe
+        d = sysfs / "eth9"
+        d.mkdir()
+        (d / "address").write_text("52:54:00:00:00:99\n")
+        (d / "mtu").write_text("1500\n")
+        (d / "flags").write_text("0x1002\n")
+        (d / "type").write_text("1\n")
+
+    plug = asyncio.create_task(plug_later())
+    result = await net.update_interface(iface)
+    await plug
+    assert result.name == "eth1"
+    monkeypatch.setattr(netmod, "HOTPLUG_WAIT", 0.05)
+    with pytest.raises(NotFound, match="PCI 04/00"):
+        await net.update_interface(types_pb2.Interface(hwAddr="52:54:00:00:00:98", devicePath="04/00"))
+    with pytest.raises(NotFound):  # without a devicePath there is no waiting
+        await net.update_interface(types_pb2.Interface(hwAddr="52:54:00:00:00:97"))

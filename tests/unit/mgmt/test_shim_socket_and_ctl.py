@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def shim_sandbox(tmp_path):
 def test_shim_serves_its_management_socket(shim_sandbox):
     sid, bundle, task_socket = shim_sandbox
     sock = SBS / sid / "shim-monitor.sock"
+    deadline = time.monotonic() + 10  # the shim starts it once the Task API serves (aiohttp loads meanwhile)
+    while not (bundle / "monitor_address").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     assert (bundle / "monitor_address").read_text() == f"unix://{sock}"
     r = ctl("metrics", sid)
