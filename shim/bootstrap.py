@@ -111,11 +111,21 @@ def bind_or_reuse(path: str) -> socket.socket | None:
 
 def write_address(bundle: str | os.PathLike[str], address: str) -> None:
     """Atomically write ``<bundle>/address`` (the socket URI, no newline)."""
-    fd, tmp = tempfile.mkstemp(prefix=".address.", dir=bundle)
+    _write_atomic(bundle, "address", address)
+
+
+def write_pid(bundle: str | os.PathLike[str], pid: int) -> None:
+    """Atomically write ``<bundle>/shim.pid``: the serving daemon's pid (as the runc v2 shim
+    does; the daemon is a fork of ``start``, so ``ps`` shows both with the same command line)."""
+    _write_atomic(bundle, "shim.pid", str(pid))
+
+
+def _write_atomic(bundle: str | os.PathLike[str], name: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=bundle)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(address)
-        os.replace(tmp, Path(bundle, "address"))
+            f.write(text)
+        os.replace(tmp, Path(bundle, name))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

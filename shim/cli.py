@@ -154,6 +154,7 @@ def cmd_start(args: Args, factory: BackendFactory) -> int:
             os._exit(code)
     sock.close()
     try:
+        bootstrap.write_pid(bundle, pid)
         bootstrap.write_address(bundle, address)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):

@@ -13,6 +13,7 @@ recorded and asserted, so the test cannot pass without exercising its point.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -155,12 +156,10 @@ def ctr_run(c: Containerd, path: str, cid: str) -> subprocess.Popen[bytes]:
 def serve_pid(c: Containerd, cid: str, run: subprocess.Popen[bytes], timeout: float = 30) -> int:
     """The shim daemon (``serve``) of ``cid``, as soon as it exists."""
     deadline = time.monotonic() + timeout
+    pid_file = c.dir / "state" / "io.containerd.runtime.v2.task" / c.namespace / cid / "shim.pid"
     while True:
-        serve = [int(ln.split()[0]) for ln in shim_processes(str(c.dir))
-                 if f"-id {cid} " in ln and ln.endswith("serve")]
-        if serve:
-            assert len(serve) == 1, shim_processes(str(c.dir))
-            return serve[0]
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(pid_file.read_text())  # written by `start` right after it forked the daemon
         assert run.poll() is None, f"ctr run ended before the shim started: {run.communicate()}"
         assert time.monotonic() < deadline, "the shim never started"
         time.sleep(0.002)

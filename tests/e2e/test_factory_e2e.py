@@ -186,7 +186,8 @@ def test_vcpu_priorities_are_placed_in_a_clone(factory, ctrd):
              IMAGE, cid, "sleep", "120")
     try:
         assert "clone of template" in shim_log(ctrd, cid)
-        groups = {p: Path(f"/sys/fs/cgroup/cpu/kata-colo/{cid}/vcpu-{p}/tasks") for p in ("high", "low")}
+        # ctr's cgroupsPath /<namespace>/<id> is the sandbox's pod group (sandbox_cgroup_only)
+        groups = {p: Path(f"/sys/fs/cgroup/cpu/default/{cid}/vcpu-{p}/tasks") for p in ("high", "low")}
         deadline = time.monotonic() + 20
         while not all(g.exists() and g.read_text().split() for g in groups.values()):
             assert time.monotonic() < deadline, "vCPU groups not populated"

@@ -142,7 +142,8 @@ async def test_cleanup_from_state_dir_only_kills_leftover_qemu(tmp_path):
     pid = hv.vmm_pid()
     try:
         record = hv.record()
-        assert record == {"state_dir": cfg.state_dir, "pid": pid}
+        assert record["state_dir"] == cfg.state_dir and record["pid"] == pid
+        assert record["vm_id"] == cfg.vm_id and record["config"]["vm_id"] == cfg.vm_id
         await QemuHypervisor.recover(record)
         assert_nothing_left(cfg, None)
         assert await asyncio.wait_for(hv.wait(), 10) == -signal.SIGKILL

@@ -95,6 +95,7 @@ def test_start_spawns_then_reuses_and_shutdown_exits(ids):
     assert (b1 / "address").read_text() == expected
     path = expected.removeprefix("unix://")
     pid = _shim_pid(path)
+    assert int((b1 / "shim.pid").read_text()) == pid  # the forked daemon, as runc's shim.pid
     try:
         r2 = _run("start", b2, f"ctr-{tag}", address)  # same group → same shim
         assert r2.returncode == 0 and r2.stdout.decode().strip() == expected
