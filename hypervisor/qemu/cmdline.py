@@ -23,6 +23,7 @@ MIN_MEMORY_MIB = 64
 MAX_VCPUS = 255
 RESOLVED_ACCELS = ("kvm", "tcg")
 BLOCK_DRIVERS = ("virtio-blk", "virtio-scsi", "nvme")
+VIRTIO_MEM_ID = "vmem0"
 
 _DEV_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
 _TAG = re.compile(r"[A-Za-z0-9_.-]{1,31}")
@@ -137,8 +138,12 @@ def validate(cfg: VmConfig) -> None:
         raise InvalidArgument(f"max_memory_mib ({cfg.max_memory_mib}) < memory_mib ({cfg.memory_mib})")
     if not 0 <= opts.memory_slots <= 255:
         raise InvalidArgument(f"memory_slots must be 0..255, not {opts.memory_slots}")
-    if cfg.max_memory_mib > cfg.memory_mib and opts.memory_slots == 0:
-        raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0")
+    if cfg.max_memory_mib > cfg.memory_mib and opts.memory_slots == 0 and not opts.enable_virtio_mem:
+        raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0 "
+                              "or enable_virtio_mem")
+    if opts.enable_virtio_mem and 0 < virtio_mem_mib(cfg) < opts.virtio_mem_block_mib:
+        raise InvalidArgument(f"virtio-mem: max_memory_mib − memory_mib must be at least one "
+                              f"{opts.virtio_mem_block_mib} MiB block")
     if not 0 <= opts.pcie_root_ports <= 32:
         raise InvalidArgument(f"pcie_root_ports must be 0..32, not {opts.pcie_root_ports}")
     if opts.pcie_root_ports and opts.machine_type != "q35":
@@ -216,7 +221,9 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
     argv += ["-cpu", opts.cpu_model or ("max" if accel == "tcg" else "host")]
     max_vcpus = cfg.max_vcpus or cfg.vcpus
     argv += ["-smp", f"{cfg.vcpus},maxcpus={max_vcpus}"]
-    if cfg.max_memory_mib > cfg.memory_mib:
+    if virtio_mem_mib(cfg):
+        argv += ["-m", f"{cfg.memory_mib}M,maxmem={cfg.max_memory_mib}M"]
+    elif cfg.max_memory_mib > cfg.memory_mib:
         argv += ["-m", f"{cfg.memory_mib}M,slots={opts.memory_slots},maxmem={cfg.max_memory_mib}M"]
     else:
         argv += ["-m", f"{cfg.memory_mib}M"]
@@ -244,6 +251,7 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
                  "-device", f"virtserialport,chardev=charagent0,id=agentport0,name={AGENT_PORT_NAME}"]
     for i, share in enumerate(cfg.shared_dirs):
         argv += share_args(i, share, opts.ninep_security_model)
+    argv += virtio_mem_args(cfg)
     if cfg.image:
         argv += ["-drive", f"if=none,id=rootfs0,file={opt_value(cfg.image, 'image')},"
                            "format=raw,readonly=on",
@@ -257,10 +265,33 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
     for dev in cfg.vfio:
         argv += ["-device", f"vfio-pci,id={dev.id},host={dev.host}"]
     if opts.enable_balloon:
-        argv += ["-device", "virtio-balloon-pci,id=balloon0,deflate-on-oom=on"]
+        reporting = ",free-page-reporting=on" if opts.reclaim_guest_freed_memory else ""
+        argv += ["-device", f"virtio-balloon-pci,id=balloon0,deflate-on-oom=on{reporting}"]
     if cfg.debug:
         argv += ["-msg", "timestamp=on"]
     return argv
+
+
+def virtio_mem_mib(cfg: VmConfig) -> int:
+    """Size of the virtio-mem device (the hot-pluggable memory in whole blocks; 0 = none)."""
+    opts = options_of(cfg)
+    if not opts.enable_virtio_mem or cfg.max_memory_mib <= cfg.memory_mib:
+        return 0
+    extra = cfg.max_memory_mib - cfg.memory_mib
+    return extra - extra % opts.virtio_mem_block_mib
+
+
+def virtio_mem_args(cfg: VmConfig) -> list[str]:
+    """The virtio-mem device (``VIRTIO_MEM_ID``) over a RAM backend reserving no host memory
+    (``reserve=off``: only blocks the guest plugged and touched cost host RAM); it starts with
+    nothing plugged (``requested-size=0``)."""
+    size = virtio_mem_mib(cfg)
+    if not size:
+        return []
+    block = options_of(cfg).virtio_mem_block_mib
+    return ["-object", f"memory-backend-ram,id={VIRTIO_MEM_ID}-ram,size={size}M,reserve=off",
+            "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-ram,"
+                       f"block-size={block}M,requested-size=0"]
 
 
 def disk_args(disk: BlockDevice) -> list[str]:

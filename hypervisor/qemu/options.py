@@ -9,6 +9,8 @@ from hypervisor.host import ACCELS
 
 MACHINES = ("q35", "pc")
 NINEP_SECURITY_MODELS = ("none", "mapped-xattr")
+#: virtio-mem block sizes (a power of two ≥ the host THP size, 2 MiB on x86-64).
+VIRTIO_MEM_BLOCKS_MIB = (2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,11 @@ class QemuOptions:
     share is kept safe by 0700 directories and ``nosuid,nodev`` binds; ``mapped-xattr`` stores
     what the guest writes as plain 0600 files with the owner and mode in xattrs, but then host
     symlinks (every image's /bin) do not resolve in the guest, so it suits only shares that hold
-    no image content."""
+    no image content. ``reclaim_guest_freed_memory`` (kata's key) gives the balloon device free
+    page reporting: pages the guest frees go back to the host. ``enable_virtio_mem`` (kata's key)
+    puts the hot-pluggable memory (``default_maxmemory`` − ``default_memory``) behind one
+    virtio-mem device that grows and shrinks live in ``virtio_mem_block_mib`` blocks, instead of
+    pc-dimm slots (which only grow)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
 
@@ -30,10 +36,13 @@ class QemuOptions:
     accel: str = "auto"
     cpu_model: str = ""
     memory_slots: int = 10
+    enable_virtio_mem: bool = False
+    virtio_mem_block_mib: int = 2
     enable_balloon: bool = True
     disable_vhost_net: bool = False
     pcie_root_ports: int = 0
     ninep_security_model: str = "none"
+    reclaim_guest_freed_memory: bool = False
 
     def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
         def check(ok: bool, message: str) -> None:
@@ -43,6 +52,8 @@ class QemuOptions:
         check(self.machine_type in MACHINES, f"machine_type must be one of {MACHINES}")
         check(self.accel in ACCELS, f"accel must be one of {ACCELS}, not {self.accel!r}")
         check(0 <= self.memory_slots <= 255, "memory_slots must be 0..255")
+        check(self.virtio_mem_block_mib in VIRTIO_MEM_BLOCKS_MIB,
+              f"virtio_mem_block_mib must be one of {VIRTIO_MEM_BLOCKS_MIB}")
         check(0 <= self.pcie_root_ports <= 32, "pcie_root_ports must be 0..32")
         check(not self.pcie_root_ports or self.machine_type == "q35", "pcie_root_ports needs machine_type q35")
         check(self.ninep_security_model in NINEP_SECURITY_MODELS,

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from shim.resources.manager import RecoverFn, Resource, ResourceContext, ResourceManager
+from shim.resources.memory import MemoryResource
 from shim.resources.network.resource import NetworkResource
 from shim.resources.qos.resource import QosResource
 from shim.resources.sharefs import ShareFsResource
 
-SANDBOX_RESOURCES: tuple[Any, ...] = (ShareFsResource, NetworkResource, QosResource)
+SANDBOX_RESOURCES: tuple[Any, ...] = (ShareFsResource, NetworkResource, QosResource, MemoryResource)
 
 
 def for_sandbox(ctx: ResourceContext) -> list[Resource]:
