@@ -141,7 +141,7 @@ def validate(cfg: VmConfig) -> None:
     if cfg.max_memory_mib > cfg.memory_mib and opts.memory_slots == 0 and not opts.enable_virtio_mem:
         raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0 "
                               "or enable_virtio_mem")
-    if opts.enable_virtio_mem and 0 < virtio_mem_mib(cfg) < opts.virtio_mem_block_mib:
+    if opts.enable_virtio_mem and 0 < cfg.max_memory_mib - cfg.memory_mib < opts.virtio_mem_block_mib:
         raise InvalidArgument(f"virtio-mem: max_memory_mib − memory_mib must be at least one "
                               f"{opts.virtio_mem_block_mib} MiB block")
     if not 0 <= opts.pcie_root_ports <= 32:

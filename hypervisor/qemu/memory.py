@@ -13,7 +13,10 @@ Mechanisms (:meth:`MemoryMixin.memory_mechanisms`):
 - ``balloon`` (``enable_balloon``, deflate-on-oom; free page reporting with
   ``reclaim_guest_freed_memory``): :meth:`~MemoryMixin.balloon` sets the guest's target RAM
   (QEMU's ``balloon`` value = usable RAM, not the amount taken), :meth:`~MemoryMixin.balloon_info`
-  reads the actual size and the guest's statistics, enabling stats polling on first use. With a
+  reads the actual size and the guest's statistics, enabling stats polling on first use. QEMU's
+  balloon sizes count boot RAM and DIMMs but not virtio-mem memory: both methods add the plugged
+  virtio-mem size, so they speak of the whole usable RAM (the balloon itself can only take boot
+  RAM and DIMMs). With a
   VFIO device attached QEMU disables uncoordinated discards (balloon inflation and free page
   reporting would return nothing to the host), so ``balloon`` is then not offered as a mechanism;
   the device and its statistics stay.
@@ -92,19 +95,19 @@ class MemoryMixin:
             raise HypervisorError(f"virtio-mem size is not a size: {value!r}")
         return value
 
-    async def _plugged(self, cfg: VmConfig) -> int:
-        plugged = sum(size for _, size in self._dimms) * MIB
-        if cmdline.virtio_mem_mib(cfg):
-            plugged += await self._virtio_mem_size()
-        return plugged
+    async def _vmem(self, cfg: VmConfig) -> int:
+        return await self._virtio_mem_size() if cmdline.virtio_mem_mib(cfg) else 0
 
     async def memory_info(self) -> MemoryInfo:
         cfg, _ = self._require_prepared()
-        plugged = await self._plugged(cfg)
+        dimms = sum(size for _, size in self._dimms) * MIB
+        vmem = await self._vmem(cfg)
+        plugged = dimms + vmem
         ballooned = 0
         if cmdline.options_of(cfg).enable_balloon:
+            # QEMU's balloon counts boot RAM + DIMMs only (virtio-mem memory is not its business)
             actual = await self.monitor.query_balloon()
-            ballooned = max(0, cfg.memory_mib * MIB + plugged - actual)
+            ballooned = max(0, cfg.memory_mib * MIB + dimms - actual)
         top = cfg.memory_mib + (cmdline.virtio_mem_mib(cfg) or max(0, cfg.max_memory_mib - cfg.memory_mib))
         return MemoryInfo(boot=cfg.memory_mib * MIB, plugged=plugged, ballooned=ballooned,
                           max=top * MIB, block=self._block_mib(cfg) * MIB)
@@ -121,12 +124,16 @@ class MemoryMixin:
                                      "(QEMU disables uncoordinated discards); use virtio-mem")
         if target_bytes <= 0:
             raise InvalidArgument(f"balloon target must be > 0, not {target_bytes}")
-        await self.monitor.balloon(target_bytes)
+        cfg, _ = self._require_prepared()
+        # QEMU's value excludes virtio-mem memory; the balloon cannot take that, only boot RAM
+        value = max(target_bytes - await self._vmem(cfg), cmdline.MIN_MEMORY_MIB * MIB)
+        await self.monitor.balloon(value)
 
     async def balloon_info(self) -> BalloonInfo:
         self._require_balloon()
+        cfg, _ = self._require_prepared()
         mon = self.monitor
-        actual = await mon.query_balloon()
+        actual = await mon.query_balloon() + await self._vmem(cfg)
         if not self._stats_polling:
             await mon.qom_set(BALLOON_PATH, "guest-stats-polling-interval", BALLOON_POLL_SECONDS)
             self._stats_polling = True

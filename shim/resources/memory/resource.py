@@ -103,7 +103,8 @@ class MemoryResource:
         self.target = info.usable
         with contextlib.suppress(FailedPrecondition):
             await self.hv.balloon_info()  # starts the guest statistics polling
-        await self._tell_guest(info, self._cached_limits(info))
+        available, source = await self.guest_available(fresh=True)
+        await self._tell_guest(info, self._limits(info, available, source))
 
     async def teardown(self) -> None:
         self.hv = self.agent = None
@@ -150,16 +151,14 @@ class MemoryResource:
             return self.guest["available_bytes"], "agent"
         return None, "none"
 
-    def _cached_limits(self, info: MemoryInfo, available: int | None = None, source: str = "none") -> Limits:
-        if available is None and self.guest:
-            available, source = self.guest["available_bytes"], "agent"
+    def _limits(self, info: MemoryInfo, available: int | None, source: str) -> Limits:
         return plan.limits(info, self.mechanisms(), available, reserve_mib=self.settings.reserve_mib,
                            min_mib=self.settings.min_mib, source=source)
 
     async def limits(self, fresh: bool = True) -> tuple[MemoryInfo, Limits]:
         info: MemoryInfo = await self._require().memory_info()
         available, source = await self.guest_available(fresh)
-        return info, self._cached_limits(info, available, source)
+        return info, self._limits(info, available, source)
 
     # -- resizing -----------------------------------------------------------------------------
 
@@ -207,9 +206,12 @@ class MemoryResource:
                          started: float, result: ResizeResult) -> None:
         deadline = started + self.settings.resize_timeout
         total = plan.current_total(info)
-        for step in plan.steps(wanted, info, mechanisms):
+        todo = plan.steps(wanted, info, mechanisms)
+        for i, step in enumerate(todo):
             remaining = max(0.5, deadline - time.monotonic())
             if step.kind == "hotplug":
+                if wanted < info.usable and any(s.kind == "balloon" for s in todo[i + 1:]):
+                    remaining /= 2  # an unplug the guest cannot finish leaves time for the balloon
                 try:
                     total = await hv.resize_memory(step.value // MIB, timeout=remaining) * MIB
                     result.steps.append(f"hotplug {total // MIB} MiB")
@@ -229,6 +231,7 @@ class MemoryResource:
                 await self._wait_balloon(hv, value, deadline, wanted)
 
     async def _wait_balloon(self, hv: Any, value: int, deadline: float, wanted: int) -> None:
+        deadline = max(deadline, time.monotonic() + 0.5)
         while True:
             actual = (await hv.balloon_info()).actual_bytes
             if abs(actual - value) <= BALLOON_TOLERANCE:
@@ -250,7 +253,8 @@ class MemoryResource:
         result.seconds = time.monotonic() - started
         self.target = result.target if not timed_out else info.usable
         self.last = result
-        await self._tell_guest(info, self._cached_limits(info))
+        available, source = await self.guest_available(fresh=True)  # the floor at the new size
+        await self._tell_guest(info, self._limits(info, available, source))
 
     async def _tell_guest(self, info: MemoryInfo, lim: Limits) -> None:
         """resources.json in the guest follows (best effort: the resize itself is done)."""
@@ -273,7 +277,7 @@ class MemoryResource:
         hv = self._require()
         info: MemoryInfo = await hv.memory_info()
         available, source = await self.guest_available(fresh=False)
-        lim = self._cached_limits(info, available, source)
+        lim = self._limits(info, available, source)
         balloon = None
         with contextlib.suppress(KataColoError):
             balloon = await self._balloon()
