@@ -71,8 +71,7 @@ def _ctr_run_once(address: str, name: str) -> float:
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests" / "e2e"))
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
     bares = [asyncio.run(_floor_once(bare=True)) for _ in range(ROUNDS)]
     floors = [asyncio.run(_floor_once()) for _ in range(ROUNDS)]

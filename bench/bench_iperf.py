@@ -24,10 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support import image
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "docker.io/library/kata-colo-tools:iperf3"
 RUNTIME = "io.containerd.kata-colo.v2"
-GUEST_IMAGE = Path("/var/lib/kata-colo/images/current/manifest.json")
+GUEST_IMAGE = image.manifest_path()
 PORT = 5201
 SECONDS = int(os.environ.get("KC_BENCH_IPERF_SECONDS", "5"))
 READY_TIMEOUT = float(os.environ.get("KC_BENCH_IPERF_READY_TIMEOUT", "180"))
@@ -135,9 +137,9 @@ def _tail(path: Path, n: int = 15) -> str:
 def in_vm(ns: str, ip: str, tag: str) -> tuple[float, float, float]:
     """(host→guest, guest→host Gbit/s, seconds from ctr run -d to the server accepting)."""
     sys.path.insert(0, str(REPO))
-    import make_tool_image  # on sys.path through tests.e2e.conftest (scripts/)
+    import make_tool_image  # on sys.path through tests.support.containerd (scripts/)
 
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
     cid = f"kc-iperf-{tag}"
     shim_dir = product_shim_dir()

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-GRPC_DIRS = ("proto/cri",)
+GRPC_DIRS = ("proto/cri", "proto/deviceplugin")
 
 
 def proto_sources(root: Path) -> list[Path]:

@@ -41,6 +41,7 @@ ANNOTATION_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 _SHARED_FS = ("virtio-9p", "none")
 _AGENT_TRANSPORTS = ("virtio-serial", "vsock", "hybrid-vsock")
 DEFAULT_HYPERVISOR = "qemu"
+_VFIO_PORTS = ("no-port", "root-port")
 _SAFE_PARAM = re.compile(r"^[A-Za-z0-9_.,:=/+\- ]*$")
 
 
@@ -62,6 +63,9 @@ class HypervisorConfig:
     enable_debug: bool = False
     boot_timeout: float = 60.0
     enable_annotations: tuple[str, ...] = ("default_vcpus", "default_memory")
+    disable_block_device_use: bool = False
+    hot_plug_vfio: str = "root-port"
+    cold_plug_vfio: str = "root-port"
     options: Any = None
 
     @property
@@ -111,6 +115,25 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: the block rootfs layer cache (``layer_image_format`` erofs|ext4, bounded
+    by ``layer_cache_max_mib``), per-container scratch disks (sparse, ``scratch_disk_mib``),
+    data disks (``data_disk_driver`` nvme|virtio-blk), host-wide device claims and whether
+    VFIO functions not yet on vfio-pci are rebound (``vfio_bind``; restored at teardown)."""
+
+    layer_cache_dir: str = "/var/lib/kata-colo/layers"
+    layer_cache_max_mib: int = 4096
+    layer_image_format: str = "erofs"
+    scratch_dir: str = "/var/lib/kata-colo/scratch"
+    scratch_disk_mib: int = 4096
+    data_disk_driver: str = "nvme"
+    claims_dir: str = "/run/kata-colo/claims"
+    direct_volumes_dir: str = "/run/kata-containers/shared/direct-volumes"
+    cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
+    vfio_bind: bool = False
+
+
+@dataclass(frozen=True)
 class ColoConfig:
     cgroup_root: str = "kata-colo"
     root: Mapping[str, Any] = field(default_factory=dict)
@@ -128,6 +151,7 @@ class Config:
     agent: AgentConfig = AgentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     colo: ColoConfig = ColoConfig()
+    storage: StorageConfig = StorageConfig()
     source: str = "<defaults>"
 
     def validate(self, host_paths: host.HostPaths = host.HOST) -> Config:
@@ -158,6 +182,15 @@ class Config:
             _check(name == "clh", f"agent.kata.transport hybrid-vsock is Cloud Hypervisor's; {name} cannot serve it")
         _check(self.agent.dial_timeout > 0, "agent.kata.dial_timeout must be > 0")
         _check(0 <= self.runtime.admin_gid < 2**32 - 1, "runtime.admin_gid must be a gid >= 0 (0 = root only)")
+        for key in ("hot_plug_vfio", "cold_plug_vfio"):
+            _check(getattr(hv, key) in _VFIO_PORTS, f"{where}.{key} must be one of {_VFIO_PORTS}")
+        st = self.storage
+        _check(st.layer_image_format in ("erofs", "ext4"), "storage.layer_image_format must be erofs or ext4")
+        _check(st.layer_cache_max_mib >= 16, "storage.layer_cache_max_mib must be >= 16")
+        _check(st.scratch_disk_mib >= 64, "storage.scratch_disk_mib must be >= 64")
+        _check(st.data_disk_driver in ("nvme", "virtio-blk"), "storage.data_disk_driver must be nvme or virtio-blk")
+        for key in ("layer_cache_dir", "scratch_dir", "claims_dir", "direct_volumes_dir"):
+            _check(os.path.isabs(getattr(st, key)), f"storage.{key} must be an absolute path")
         _check(self.runtime.internetworking_model in ("tcfilter", "none"),
                "runtime.internetworking_model must be 'tcfilter' or 'none'")
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.colo.cgroup_root)),
@@ -233,7 +266,7 @@ def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid configuration {source}: {exc}") from None
-    known = {"hypervisor", "agent", "runtime", "colo"}
+    known = {"hypervisor", "agent", "runtime", "colo", "storage"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"invalid configuration {source}: unknown section(s) {sorted(unknown)}")
@@ -263,6 +296,7 @@ def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host
         agent=_section(AgentConfig, raw.get("agent", {}).get("kata", {}), "agent.kata"),
         runtime=runtime,
         colo=colo,
+        storage=_section(StorageConfig, raw.get("storage", {}), "storage"),
         source=source,
     )
     return cfg.validate(host_paths)

@@ -182,6 +182,9 @@ class _Connection:
             return 0, "", self._serialize(method, response)
         except TimeoutError as exc:
             if deadline.expired():
+                # the caller gave up: say so where the server's log is read (the guest console)
+                log.warning("%s/%s: the caller's deadline of %.1fs passed; handler cancelled",
+                            req.service, req.method, timeout or 0.0)
                 return int(errors.Code.DEADLINE_EXCEEDED), f"{req.service}/{req.method}: deadline exceeded", b""
             return self._failed(req, exc)
         except asyncio.CancelledError as exc:

@@ -1,5 +1,7 @@
-"""Guest kernel: the PVH vmlinux out of Debian's bzImage, and the virtio/9p modules
-(dependency closure from modinfo, decompressed, signatures stripped, insmod order)."""
+"""Guest kernel: the PVH vmlinux out of Debian's bzImage, and the virtio/9p modules plus the
+block-storage ones (the block rootfs: erofs/ext4 layers + overlay on virtio-blk or virtio-scsi;
+data disks on emulated or passed-through NVMe) — dependency closure from modinfo, decompressed,
+signatures stripped, insmod order."""
 from __future__ import annotations
 
 import lzma
@@ -14,8 +16,11 @@ MODULES = [
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
     "virtio_console", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
     "failover", "net_failover", "virtio_net", "virtio_balloon", "virtio_blk",
+    # block storage: checksums ext4/jbd2 ask the crypto API for (no modprobe in the guest)
+    "crc32c_generic", "libcrc32c", "erofs", "ext4", "overlay",
+    "nvme", "scsi_mod", "virtio_scsi", "sd_mod",
 ]
-OPTIONAL_MODULES = ["virtio_mem", "vsock", "vmw_vsock_virtio_transport_common",
+OPTIONAL_MODULES = ["crc32c_intel", "virtio_mem", "vsock", "vmw_vsock_virtio_transport_common",
                     "vmw_vsock_virtio_transport", "virtio_rng"]
 
 

@@ -12,9 +12,11 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent_api.agent import storage as storage_mod
 from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.cgroups import Cgroup, network_stats, remove_parent
 from agent_api.agent.guest_process import Process, StdioSetup
@@ -54,6 +56,7 @@ class Container:
     init: Process
     status: str = "created"  # created | running | paused | stopped
     execs: dict[str, Process] = field(default_factory=dict)
+    mounts: storage_mod.ContainerMounts | None = None
 
     def process(self, exec_id: str) -> Process:
         if exec_id == "":
@@ -89,44 +92,70 @@ class Containers:
         return self._locks.setdefault(cid, asyncio.Lock())
 
     # -- lifecycle --------------------------------------------------------------------------
-    async def create(self, cid: str, spec: oci_pb2.Spec, *, cgroup_parent: str | None = None) -> Container:
-        """``cgroup_parent`` overrides the configured parent (a co-location priority group)."""
+    async def create(self, cid: str, spec: oci_pb2.Spec, *, cgroup_parent: str | None = None,
+                     storages: list[agent_pb2.Storage] | None = None,
+                     devices: list[agent_pb2.Device] | None = None) -> Container:
+        """``cgroup_parent`` overrides the configured parent (a co-location priority group);
+        ``storages``/``devices`` are the container's own (block rootfs, data disks, passed-through
+        devices: :mod:`agent_api.agent.storage`), mounted first and unmounted on failure."""
         check_id(cid)
         async with self._lock(cid):
             if cid in self._containers:
                 raise AlreadyExists(f"container {cid} already exists")
-            config = adapt_for_guest(spec, container_id=cid, shared_dir=self.cfg.shared_dir,
-                                     cgroup_parent=cgroup_parent or self.cfg.cgroup_parent)
-            if not os.path.isdir(config["root"]["path"]):
-                raise NotFound(f"rootfs {config['root']['path']} does not exist")
-            bundle = os.path.join(self.bundles, cid)
-            os.makedirs(self.bundles, mode=0o700, exist_ok=True)
+            storage_mod.plan(cid, storages or [])  # validate before anything is mounted
+            mounts = await storage_mod.mount_all(cid, storages or [])
             try:
-                os.mkdir(bundle, 0o700)
-            except FileExistsError:
-                raise AlreadyExists(f"bundle of {cid} exists (removal in progress?)") from None
-            stdio: StdioSetup | None = None
+                return await self._create(cid, spec, cgroup_parent, mounts, devices or [])
+            except BaseException:
+                mounts.unmount()
+                raise
+
+    async def _create(self, cid: str, spec: oci_pb2.Spec, cgroup_parent: str | None,
+                      mounts: storage_mod.ContainerMounts, devices: list[agent_pb2.Device]) -> Container:
+        config = adapt_for_guest(spec, container_id=cid, shared_dir=self.cfg.shared_dir,
+                                 cgroup_parent=cgroup_parent or self.cfg.cgroup_parent,
+                                 block_rootfs=mounts.root_path)
+        await storage_mod.apply_devices(cid, devices, config)
+        if not os.path.isdir(config["root"]["path"]):
+            raise NotFound(f"rootfs {config['root']['path']} does not exist")
+        bundle = os.path.join(self.bundles, cid)
+        os.makedirs(self.bundles, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(bundle, 0o700)
+        except FileExistsError:
+            raise AlreadyExists(f"bundle of {cid} exists (removal in progress?)") from None
+        stdio: StdioSetup | None = None
+        try:
+            with open(os.path.join(bundle, "config.json"), "w") as f:
+                json.dump(config, f)
+            stdio = StdioSetup(bool(config["process"].get("terminal")))
+            pid_file = os.path.join(bundle, "init.pid")
+            # both ends of runc create are logged: when the host's CreateContainer times out,
+            # the console tail it logs shows whether runc ran and where it stopped
+            log.info("creating container %s: runc create", cid)
+            started = time.monotonic()
             try:
-                with open(os.path.join(bundle, "config.json"), "w") as f:
-                    json.dump(config, f)
-                stdio = StdioSetup(bool(config["process"].get("terminal")))
-                pid_file = os.path.join(bundle, "init.pid")
                 await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
                                                  console_socket=stdio.console_path))
-                pid = _read_pid(pid_file)
-                proc = Process(cid, "", pid, self.reaper.watch(pid))
-                stdio.attach(proc)
-                self._apply_console_size(proc, config["process"])
-            except BaseException:
-                if stdio is not None:
-                    stdio.close()
+            except DeadlineExceeded as exc:  # a hung runc (seen under TCG): once more
+                log.warning("container %s: %s; retrying runc create once", cid, exc)
                 await self._force_delete(cid)
-                shutil.rmtree(bundle, ignore_errors=True)
-                raise
-            container = Container(cid, bundle, Cgroup(config["linux"]["cgroupsPath"]), proc)
-            self._containers[cid] = container
-            log.info("created container %s (init pid %d)", cid, pid)
-            return container
+                await stdio.run(self.runc.create(cid, bundle, pid_file, stdio.runc_stdio,
+                                                 console_socket=stdio.console_path))
+            pid = _read_pid(pid_file)
+            proc = Process(cid, "", pid, self.reaper.watch(pid))
+            stdio.attach(proc)
+            self._apply_console_size(proc, config["process"])
+        except BaseException:
+            if stdio is not None:
+                stdio.close()
+            await self._force_delete(cid)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        container = Container(cid, bundle, Cgroup(config["linux"]["cgroupsPath"]), proc, mounts=mounts)
+        self._containers[cid] = container
+        log.info("created container %s (init pid %d) in %.1fs", cid, pid, time.monotonic() - started)
+        return container
 
     @staticmethod
     def _apply_console_size(proc: Process, process: dict[str, Any]) -> None:
@@ -164,6 +193,8 @@ class Containers:
                 p.close_io()
             shutil.rmtree(c.bundle, ignore_errors=True)
             self._containers.pop(cid, None)
+            if c.mounts is not None:
+                c.mounts.unmount()  # the host unplugs the disks next
         self._locks.pop(cid, None)
         log.info("removed container %s", cid)
 

@@ -6,14 +6,19 @@ error becomes the error message; "does not exist" maps to NotFound.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 from dataclasses import dataclass
 
 from agent_api.agent.reaper import Reaper, run, spawn
-from common.errors import AlreadyExists, Internal, KataColoError, NotFound
+from common.errors import AlreadyExists, DeadlineExceeded, Internal, KataColoError, NotFound
 
-CREATE_TIMEOUT = 120.0
+#: runc create normally takes 1-4 s here (TCG); a run past this bound is hung, not slow: it is
+#: killed and tried once more (containers.create), within the host's CreateContainer deadline
+CREATE_TIMEOUT = 40.0
 CMD_TIMEOUT = 60.0
 
 
@@ -69,12 +74,21 @@ class Runc:
             argv += ["--log", log, "--log-format", "json"]
         return argv + list(args)
 
-    async def _passthrough(self, what: str, argv: list[str], stdio: Stdio, log: str) -> None:
+    async def _passthrough(self, what: str, argv: list[str], stdio: Stdio, log: str,
+                           timeout: float | None = None) -> None:
         try:
             pid = spawn(argv, stdin=stdio.stdin, stdout=stdio.stdout, stderr=stdio.stderr)
         except OSError as exc:
             raise Internal(f"cannot run {self.binary}: {exc}") from None
-        code = await self.reaper.watch(pid)
+        exited = self.reaper.watch(pid)
+        try:
+            code = await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await exited
+            raise DeadlineExceeded(f"runc {what} did not finish in {timeout:.0f}s (killed); "
+                                   f"last runc log: {last_log_error(log) or '-'}") from None
         if code != 0:
             raise _error(what, last_log_error(log) or f"exit status {code}")
 
@@ -86,7 +100,7 @@ class Runc:
             args += ["--console-socket", console_socket]
         if self.no_pivot:
             args.append("--no-pivot")
-        await self._passthrough("create", self._argv(log, *args, cid), stdio, log)
+        await self._passthrough("create", self._argv(log, *args, cid), stdio, log, timeout=CREATE_TIMEOUT)
 
     async def exec(self, cid: str, process_json: str, pid_file: str, stdio: Stdio, *, log: str,
                    console_socket: str | None = None) -> None:

@@ -61,13 +61,11 @@ class AgentService:
         check_id(req.container_id)
         if not req.HasField("OCI"):
             raise InvalidArgument("CreateContainer without an OCI spec")
-        if req.storages or req.devices:
-            raise InvalidArgument("per-container storages/devices are not supported; "
-                                  "use the shared directory")
         parent = None
         if self.colo is not None:  # io.katacontainers.colo.container-priority → prio-<name>
             parent = self.colo.cgroup_parent_for(req.OCI.Annotations, self.containers.cfg.cgroup_parent)
-        await self.containers.create(req.container_id, req.OCI, cgroup_parent=parent)
+        await self.containers.create(req.container_id, req.OCI, cgroup_parent=parent,
+                                     storages=list(req.storages), devices=list(req.devices))
         return EMPTY()
 
     async def StartContainer(self, req: agent_pb2.StartContainerRequest, ctx: ServerContext) -> EMPTY:

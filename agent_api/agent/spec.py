@@ -14,6 +14,7 @@ from typing import Any
 from agent_api.agent.validate import check_args, path_within
 from agent_api.oci_codec import to_json
 from common.errors import InvalidArgument
+from common.guest_storage import GUEST_VOLUME_DIR
 from proto.kata import oci_pb2
 
 #: the agent's run directory, shown read-only in every container (agent_api.agent.resources_file)
@@ -42,8 +43,10 @@ def _is_bind(mount: dict[str, Any]) -> bool:
 
 
 def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
-                    cgroup_parent: str) -> dict[str, Any]:
-    """Build config.json for container ``container_id`` from kata's protobuf spec."""
+                    cgroup_parent: str, block_rootfs: str = "") -> dict[str, Any]:
+    """Build config.json for container ``container_id`` from kata's protobuf spec.
+    ``block_rootfs``: the container's own rootfs the agent mounted from its storages (then the
+    root path must be exactly that); bind sources may also be sandbox volumes (data disks)."""
     if not spec.HasField("Process"):
         raise InvalidArgument("OCI spec has no process")
     cfg = to_json(spec)
@@ -53,8 +56,13 @@ def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
     default_root = os.path.join(shared_dir, container_id, "rootfs")
     root_path = spec.Root.Path if spec.HasField("Root") else ""
     if not root_path or not os.path.isabs(root_path):
-        root_path = default_root
-    root_path = path_within(root_path, shared_dir)
+        root_path = block_rootfs or default_root
+    if block_rootfs:
+        if os.path.normpath(root_path) != block_rootfs:
+            raise InvalidArgument(f"root path {root_path!r} is not the container's rootfs {block_rootfs}")
+        root_path = block_rootfs
+    else:
+        root_path = path_within(root_path, shared_dir)
     cfg["root"] = {"path": root_path, "readonly": bool(spec.Root.Readonly)}
 
     mounts = cfg.get("mounts", [])
@@ -62,7 +70,7 @@ def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
         if not m.get("destination", "").startswith("/"):
             raise InvalidArgument(f"mount destination {m.get('destination')!r} is not absolute")
         if _is_bind(m):
-            m["source"] = path_within(m.get("source", ""), shared_dir)
+            m["source"] = _bind_source(m.get("source", ""), shared_dir)
     cfg["mounts"] = mounts
 
     linux = cfg.setdefault("linux", {})
@@ -83,6 +91,15 @@ def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
     linux.pop("mountLabel", None)
     add_resources_mount(cfg)
     return cfg
+
+
+def _bind_source(source: str, shared_dir: str) -> str:
+    try:
+        return path_within(source, shared_dir)
+    except InvalidArgument:
+        if path_within(source, GUEST_VOLUME_DIR) == GUEST_VOLUME_DIR:
+            raise InvalidArgument(f"bind source {source!r} is the volume dir itself") from None
+        return path_within(source, GUEST_VOLUME_DIR)
 
 
 def add_resources_mount(cfg: dict[str, Any]) -> None:

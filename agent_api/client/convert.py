@@ -21,7 +21,8 @@ from hypervisor.base import AgentAddress
 from proto.kata import agent_pb2, types_pb2
 from shim.backend import Stats
 
-__all__ = ["NINEP_OPTIONS", "agent_url", "interface_from_dict", "neighbor_from_dict", "ninep_storage",
+__all__ = ["NINEP_OPTIONS", "agent_url", "device_from_dict", "interface_from_dict", "storage_from_dict",
+           "neighbor_from_dict", "ninep_storage",
            "process_from_oci", "resources_from_oci", "route_from_dict", "spec_from_oci", "stats_from_pb"]
 
 NINEP_OPTIONS = ("trans=virtio", "version=9p2000.L", "cache=mmap", "msize=512000")
@@ -62,6 +63,16 @@ def route_from_dict(d: Mapping[str, Any]) -> types_pb2.Route:
 def neighbor_from_dict(d: Mapping[str, Any]) -> types_pb2.ARPNeighbor:
     """A kata-shaped ``ARPNeighbor`` dict (VethEndpoint.to_agent_neighbors) → protobuf."""
     return _from_dict(d, types_pb2.ARPNeighbor(), "ARP neighbor")
+
+
+def storage_from_dict(d: Mapping[str, Any]) -> agent_pb2.Storage:
+    """A kata-shaped ``Storage`` dict (shim.resources.blockdev.plan.guest_view) → protobuf."""
+    return _from_dict(d, agent_pb2.Storage(), "storage")
+
+
+def device_from_dict(d: Mapping[str, Any]) -> agent_pb2.Device:
+    """A kata-shaped ``Device`` dict → protobuf."""
+    return _from_dict(d, agent_pb2.Device(), "device")
 
 
 def agent_url(addr: AgentAddress) -> str:

@@ -79,8 +79,15 @@ class GuestAgent:
         caller bounds them)."""
         return _guest_memory(await self.client.get_guest_memory())
 
-    async def create_container(self, container_id: str, spec: dict[str, Any]) -> None:
-        await self.client.create_container(container_id, convert.spec_from_oci(spec))
+    async def create_container(self, container_id: str, spec: dict[str, Any], *,
+                               storages: list[dict[str, Any]] | None = None,
+                               devices: list[dict[str, Any]] | None = None) -> None:
+        """CreateContainer; ``storages``/``devices`` are kata-shaped dicts (the container's block
+        rootfs, data disks, passed-through devices: shim.resources.blockdev.plan)."""
+        await self.client.create_container(
+            container_id, convert.spec_from_oci(spec),
+            storages=[convert.storage_from_dict(d) for d in storages or []],
+            devices=[convert.device_from_dict(d) for d in devices or []])
 
     async def start_container(self, container_id: str) -> None:
         await self.client.start_container(container_id)

@@ -39,7 +39,7 @@ TIMEOUTS: dict[str, float | None] = {
     "UpdateInterface": 30.0, "UpdateRoutes": 30.0, "ListInterfaces": 10.0, "ListRoutes": 10.0,
     "AddARPNeighbors": 30.0,
     # containers
-    "CreateContainer": 60.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
+    "CreateContainer": 120.0, "StartContainer": 30.0, "RemoveContainer": 30.0,
     "PauseContainer": 30.0, "ResumeContainer": 30.0, "UpdateContainer": 30.0,
     "StatsContainer": 10.0,
     # processes
@@ -169,9 +169,11 @@ class AgentClient:
     # -- containers -------------------------------------------------------------------------
     async def create_container(self, container_id: str, spec: oci_pb2.Spec, *,
                                storages: Iterable[agent_pb2.Storage] = (),
+                               devices: Iterable[agent_pb2.Device] = (),
                                sandbox_pidns: bool = False) -> None:
         await self._agent("CreateContainer", agent_pb2.CreateContainerRequest(
-            container_id=container_id, OCI=spec, storages=list(storages), sandbox_pidns=sandbox_pidns))
+            container_id=container_id, OCI=spec, storages=list(storages), devices=list(devices),
+            sandbox_pidns=sandbox_pidns))
 
     async def start_container(self, container_id: str) -> None:
         await self._agent("StartContainer", agent_pb2.StartContainerRequest(container_id=container_id))

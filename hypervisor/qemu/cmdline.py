@@ -24,6 +24,10 @@ MAX_VCPUS = 255
 RESOLVED_ACCELS = ("kvm", "tcg")
 BLOCK_DRIVERS = ("virtio-blk", "virtio-scsi", "nvme")
 VIRTIO_MEM_ID = "vmem0"
+SCSI_CONTROLLER = "scsi0"
+#: Cold-plugged VFIO devices each get their own root port, after the hot-plug ones (kata's
+#: ``cold_plug_vfio = "root-port"``); chassis numbers continue from theirs.
+VFIO_PORT_PREFIX = "rpv"
 
 _DEV_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
 _TAG = re.compile(r"[A-Za-z0-9_.-]{1,31}")
@@ -144,6 +148,10 @@ def validate(cfg: VmConfig) -> None:
     if opts.enable_virtio_mem and 0 < cfg.max_memory_mib - cfg.memory_mib < opts.virtio_mem_block_mib:
         raise InvalidArgument(f"virtio-mem: max_memory_mib − memory_mib must be at least one "
                               f"{opts.virtio_mem_block_mib} MiB block")
+    if cfg.vfio and opts.machine_type != "q35":
+        raise InvalidArgument("VFIO devices need machine q35 (pcie-root-port)")
+    if opts.pcie_root_ports + len(cfg.vfio) > 32:
+        raise InvalidArgument(f"{len(cfg.vfio)} VFIO devices + {opts.pcie_root_ports} root ports: more than 32")
     if not 0 <= opts.pcie_root_ports <= 32:
         raise InvalidArgument(f"pcie_root_ports must be 0..32, not {opts.pcie_root_ports}")
     if opts.pcie_root_ports and opts.machine_type != "q35":
@@ -256,14 +264,14 @@ def build_argv(cfg: VmConfig, accel: str) -> list[str]:
         argv += ["-drive", f"if=none,id=rootfs0,file={opt_value(cfg.image, 'image')},"
                            "format=raw,readonly=on",
                  "-device", "virtio-blk-pci,id=rootdisk0,drive=rootfs0"]
-    if any(d.driver == "virtio-scsi" for d in cfg.disks):
-        argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+    if needs_scsi_controller(cfg):
+        argv += ["-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER}"]
     for disk in cfg.disks:
         argv += disk_args(disk)
     for i, nic in enumerate(cfg.nics):
         argv += nic_args(i, nic)
-    for dev in cfg.vfio:
-        argv += ["-device", f"vfio-pci,id={dev.id},host={dev.host}"]
+    for i, dev in enumerate(cfg.vfio):
+        argv += vfio_args(i, dev, opts.pcie_root_ports)
     if opts.enable_balloon:
         reporting = ",free-page-reporting=on" if opts.reclaim_guest_freed_memory else ""
         argv += ["-device", f"virtio-balloon-pci,id=balloon0,deflate-on-oom=on{reporting}"]
@@ -294,6 +302,21 @@ def virtio_mem_args(cfg: VmConfig) -> list[str]:
                        f"block-size={block}M,requested-size=0"]
 
 
+def needs_scsi_controller(cfg: VmConfig) -> bool:
+    """A virtio-scsi controller exists when a cold-plugged disk uses it or the rootfs disks of
+    later containers will be hot-plugged as SCSI LUNs (``block_device_driver``)."""
+    return (options_of(cfg).block_device_driver == "virtio-scsi"
+            or any(d.driver == "virtio-scsi" for d in cfg.disks))
+
+
+def vfio_args(index: int, dev: VfioDevice, hotplug_ports: int) -> list[str]:
+    """A cold-plugged VFIO function behind its own pcie-root-port."""
+    validate_vfio(dev)
+    port = f"{VFIO_PORT_PREFIX}{index}"
+    return ["-device", f"pcie-root-port,id={port},bus=pcie.0,chassis={hotplug_ports + index + 1},slot=0",
+            "-device", f"vfio-pci,id={dev.id},host={dev.host},bus={port}"]
+
+
 def disk_args(disk: BlockDevice) -> list[str]:
     """A cold-plugged disk: a raw blockdev node plus the guest controller device."""
     validate_disk(disk)
@@ -305,7 +328,7 @@ def disk_args(disk: BlockDevice) -> list[str]:
     if disk.driver == "nvme":
         device = f"nvme,id={disk.id},drive={node}{serial or f',serial={disk.id}'}"
     elif disk.driver == "virtio-scsi":
-        device = f"scsi-hd,id={disk.id},drive={node},bus=scsi0.0{serial}"
+        device = f"scsi-hd,id={disk.id},drive={node},bus={SCSI_CONTROLLER}.0{serial}"
     else:
         device = f"virtio-blk-pci,id={disk.id},drive={node}{serial}"
     return ["-blockdev", drive, "-device", device]

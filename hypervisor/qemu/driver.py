@@ -45,12 +45,22 @@ def _tail(path: str, limit: int = TAIL_BYTES) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True while any thread of ``pid`` still runs. The leader of a SIGKILLed process is a
+    zombie while its other threads are still exiting, and those still hold its cgroups (rmdir
+    EBUSY): "dead" means every thread is."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return False
-    return state not in (b"Z", b"X")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in (b"Z", b"X"):
+            return True
+    return False
 
 
 class QemuHypervisor(HotplugMixin, MemoryMixin):

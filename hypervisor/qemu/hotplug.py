@@ -1,19 +1,34 @@
 """QEMU device hotplug over QMP (the :class:`hypervisor.base.DeviceHotplug` capability).
 
-Every device goes on a free pre-created ``pcie-root-port`` (``[hypervisor.qemu] pcie_root_ports``);
-its guest PCI path comes from ``query-pci`` after ``device_add``. A step that fails rolls back what
-the earlier steps added (fds named, netdev/blockdev backends), so a failed hotplug leaves nothing.
+PCI devices (virtio-net, virtio-blk, emulated NVMe, vfio-pci) each go on a free pre-created
+``pcie-root-port`` (``[hypervisor.qemu] pcie_root_ports``); a virtio-scsi disk is a ``scsi-hd`` LUN
+on the controller created at boot (``block_device_driver = "virtio-scsi"``) and needs no port.
+The guest PCI path comes from ``query-pci`` after ``device_add`` (:meth:`guest_pci_path` also
+answers for cold-plugged devices). A step that fails rolls back what the earlier steps added
+(fds named, netdev/blockdev backends), so a failed hotplug leaves nothing — a vfio-pci
+``device_add`` QEMU refuses (no such host device, group not viable) leaves the port free.
 Removal waits for DEVICE_DELETED of exactly that id before the backend goes.
+
+VFIO and memory: QEMU's VFIO container disables uncoordinated RAM discard, so while a VFIO device
+is attached balloon inflation and free page reporting do nothing (hw/vfio/common.c). The driver
+says so in its log and drops ``balloon`` from :meth:`memory_mechanisms` (memory elasticity then
+falls back to virtio-mem or DIMMs, which stay coordinated).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 from common.errors import InvalidArgument, KataColoError, NotFound, ResourceExhausted
 from hypervisor.base import AttachedDevice, BlockDevice, Device, NetDevice, VfioDevice, VmConfig
 from hypervisor.qemu import cmdline
 from hypervisor.qemu.monitor import QmpMonitor, pci_path
+
+log = logging.getLogger(__name__)
+
+BALLOON_VFIO_NOTE = ("QEMU disables balloon inflation and free page reporting while a VFIO device "
+                     "is attached (uncoordinated RAM discard); memory elasticity must use virtio-mem")
 
 
 @dataclass
@@ -44,11 +59,26 @@ class HotplugMixin:
                 return f"rp{i}"
         raise ResourceExhausted(f"no free pcie-root-port for hotplug ({ports} configured)")
 
+    def vfio_attached(self) -> list[str]:
+        """Ids of the VFIO devices the VM has now (cold-plugged and hot-plugged)."""
+        cfg, _ = self._require_prepared()
+        return [d.id for d in cfg.vfio] + [i for i, p in self._devices.items() if p.kind == "vfio"]
+
+    def memory_mechanisms(self) -> tuple[str, ...]:
+        """The memory mechanisms, without ``balloon`` while VFIO pins guest RAM."""
+        mechanisms: tuple[str, ...] = super().memory_mechanisms()  # type: ignore[misc]
+        if self.vfio_attached():
+            return tuple(m for m in mechanisms if m != "balloon")
+        return mechanisms
+
     async def add_device(self, dev: Device) -> AttachedDevice:
         cmdline.check_device_id(dev.id)
         if dev.id in self._devices:
             raise InvalidArgument(f"device {dev.id} already attached")
         mon = self.monitor
+        if isinstance(dev, BlockDevice) and dev.driver == "virtio-scsi":
+            await self._add_scsi_disk(mon, dev)
+            return AttachedDevice(dev.id, "")
         port = self._free_port()
         if isinstance(dev, NetDevice):
             await self._add_nic(mon, dev, port)
@@ -56,15 +86,19 @@ class HotplugMixin:
             cmdline.validate_vfio(dev)
             await mon.device_add("vfio-pci", dev.id, host=dev.host, bus=port)
             self._devices[dev.id] = Plugged("vfio", port, "")
+            log.warning("VFIO device %s (%s) attached: %s", dev.id, dev.host, BALLOON_VFIO_NOTE)
         elif isinstance(dev, BlockDevice):
             await self._add_disk(mon, dev, port)
         else:
             raise InvalidArgument(f"unsupported device type {type(dev).__name__}")
+        return AttachedDevice(dev.id, await self.guest_pci_path(dev.id))
+
+    async def guest_pci_path(self, dev_id: str) -> str:
+        """kata's guest PCI path of device ``dev_id`` ("" when QEMU cannot say)."""
         try:
-            path = pci_path(await mon.query_pci(), dev.id)
+            return pci_path(await self.monitor.query_pci(), dev_id)
         except KataColoError:
-            path = ""
-        return AttachedDevice(dev.id, path)
+            return ""
 
     async def _add_nic(self, mon: QmpMonitor, dev: NetDevice, port: str) -> None:
         cmdline.validate_nic(dev)
@@ -97,14 +131,16 @@ class HotplugMixin:
             raise
         self._devices[dev.id] = Plugged("net", port, backend)
 
-    async def _add_disk(self, mon: QmpMonitor, dev: BlockDevice, port: str) -> None:
+    async def _blockdev(self, mon: QmpMonitor, dev: BlockDevice) -> str:
         cmdline.validate_disk(dev)
-        if dev.driver == "virtio-scsi":
-            raise InvalidArgument("virtio-scsi disks are cold-plugged only")
         backend = f"{dev.id}-blk"
         await mon.blockdev_add({"driver": "raw", "node-name": backend, "read-only": dev.readonly,
                                 "file": {"driver": "file", "filename": dev.path,
                                          "read-only": dev.readonly}})
+        return backend
+
+    async def _add_disk(self, mon: QmpMonitor, dev: BlockDevice, port: str) -> None:
+        backend = await self._blockdev(mon, dev)
         props: dict[str, object] = {"drive": backend, "bus": port}
         if dev.serial or dev.driver == "nvme":
             props["serial"] = dev.serial or dev.id
@@ -115,6 +151,23 @@ class HotplugMixin:
                 await mon.blockdev_del(backend)
             raise
         self._devices[dev.id] = Plugged("block", port, backend)
+
+    async def _add_scsi_disk(self, mon: QmpMonitor, dev: BlockDevice) -> None:
+        cfg, _ = self._require_prepared()
+        if not cmdline.needs_scsi_controller(cfg):
+            raise InvalidArgument("virtio-scsi hot-plug needs block_device_driver = \"virtio-scsi\" "
+                                  "(the controller is created at boot)")
+        backend = await self._blockdev(mon, dev)
+        props: dict[str, object] = {"drive": backend, "bus": f"{cmdline.SCSI_CONTROLLER}.0"}
+        if dev.serial:
+            props["serial"] = dev.serial
+        try:
+            await mon.device_add("scsi-hd", dev.id, **props)
+        except KataColoError:
+            with contextlib.suppress(KataColoError):
+                await mon.blockdev_del(backend)
+            raise
+        self._devices[dev.id] = Plugged("block", "", backend)
 
     async def remove_device(self, dev_id: str, timeout: float = 10.0) -> None:
         plugged = self._devices.get(dev_id)

@@ -11,6 +11,8 @@ MACHINES = ("q35", "pc")
 NINEP_SECURITY_MODELS = ("none", "mapped-xattr")
 #: virtio-mem block sizes (a power of two ≥ the host THP size, 2 MiB on x86-64).
 VIRTIO_MEM_BLOCKS_MIB = (2, 4, 8, 16, 32, 64, 128)
+#: kata's ``block_device_driver`` values QEMU serves here (the container rootfs disks).
+BLOCK_DEVICE_DRIVERS = ("virtio-blk", "virtio-scsi")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,10 @@ class QemuOptions:
     page reporting: pages the guest frees go back to the host. ``enable_virtio_mem`` (kata's key)
     puts the hot-pluggable memory (``default_maxmemory`` − ``default_memory``) behind one
     virtio-mem device that grows and shrinks live in ``virtio_mem_block_mib`` blocks, instead of
-    pc-dimm slots (which only grow)."""
+    pc-dimm slots (which only grow).
+    ``block_device_driver`` (kata's key) is the controller of the block rootfs
+    disks: ``virtio-blk`` (one PCI device each; hot-plug needs a free root port) or
+    ``virtio-scsi`` (LUNs on one controller created at boot; hot-plug needs no port)."""
 
     DEFAULT_PATH: ClassVar[str] = "/usr/bin/qemu-system-x86_64"
 
@@ -43,6 +48,7 @@ class QemuOptions:
     pcie_root_ports: int = 0
     ninep_security_model: str = "none"
     reclaim_guest_freed_memory: bool = False
+    block_device_driver: str = "virtio-blk"
 
     def validate(self, where: str = "hypervisor.qemu") -> QemuOptions:
         def check(ok: bool, message: str) -> None:
@@ -58,4 +64,6 @@ class QemuOptions:
         check(not self.pcie_root_ports or self.machine_type == "q35", "pcie_root_ports needs machine_type q35")
         check(self.ninep_security_model in NINEP_SECURITY_MODELS,
               f"ninep_security_model must be one of {NINEP_SECURITY_MODELS}")
+        check(self.block_device_driver in BLOCK_DEVICE_DRIVERS,
+              f"block_device_driver must be one of {BLOCK_DEVICE_DRIVERS}")
         return self

@@ -279,9 +279,10 @@ async def recover(state_dir: Path, kinds: Mapping[str, RecoverFn], timeout: floa
                 raise ResourceError(f"unknown resource kind {entry['kind']!r}")
             await asyncio.wait_for(fn(entry["record"]), max(0.1, deadline - loop.time()))
         except Exception as exc:  # noqa: BLE001 - collected, logged and raised below
-            log.error("sandbox %s: recovering %s failed: %s", sandbox_id, entry["key"], exc,
+            detail = str(exc) or type(exc).__name__  # a timeout has no message
+            log.error("sandbox %s: recovering %s failed: %s", sandbox_id, entry["key"], detail,
                       exc_info=not isinstance(exc, (KataColoError, TimeoutError)))
-            failures.append(f"{entry['key']}: {exc or type(exc).__name__}")
+            failures.append(f"{entry['key']}: {detail}")
             remaining.insert(0, entry)
     if remaining:
         write_journal(path, sandbox_id, remaining)

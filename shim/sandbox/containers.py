@@ -1,10 +1,13 @@
 """ContainerOps: the product :class:`~shim.backend.Backend` — containers and processes of one pod,
 run by the guest agent in the pod's :class:`~shim.sandbox.sandbox.Sandbox`.
 
-The first Create starts the sandbox. Every container's rootfs (mounted on its bundle by the task
-service) is bound into the share (``nosuid,nodev``; the container's read-only volumes read-only
-on the host side too), its OCI spec is rewritten for the guest (:mod:`shim.sandbox.oci_guest`)
-and the agent creates it; stdio
+The first Create starts the sandbox. Every container's storage comes from the rootfs provider
+(:class:`~shim.resources.blockdev.provider.StorageProvider`): a block rootfs (cached read-only
+layer images + a scratch disk, assembled by the agent) where it works, else its rootfs (mounted on
+its bundle by the task service) bound into the 9p share, plus its data disks and VFIO devices.
+Host files and volumes are bound into the share (``nosuid,nodev``; the container's read-only
+volumes read-only on the host side too), its OCI spec is rewritten for the guest
+(:mod:`shim.sandbox.oci_guest`) and the agent creates it; stdio
 is copied between containerd's endpoints and the agent's stream calls. Only mechanism lives here
 (stdio, shared files, the guest spec): statuses are the task service's process table. When the
 VM dies, the agent connection drops and every waiting process is reported exited with 255.
@@ -18,13 +21,13 @@ import os
 import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from common.errors import AlreadyExists, InvalidArgument, KataColoError, NotFound, Unimplemented
 from common.ids import check_id
 from shim import stdio as stdio_mod
 from shim.backend import BackendContext, CreateOpts, ExecOpts, ExitInfo, ProcessPid, Stats, Stdio
+from shim.resources.blockdev.provider import StorageProvider
 from shim.resources.sharefs import Virtio9pShare
 from shim.resources.sharefs.ninep import SHARE_DIR
 from shim.sandbox import oci_guest
@@ -79,6 +82,7 @@ class ContainerOps:
         self.sandbox = sandbox
         self.containers: dict[str, _Container] = {}
         self.sandbox_container = ""
+        self.storage = StorageProvider(sandbox)
         self._boot_lock = asyncio.Lock()
         self.memory_limits: dict[str, int] = {}  # container → OCI memory limit (bytes)
 
@@ -104,12 +108,9 @@ class ContainerOps:
     def _pid(self) -> int:
         return self.sandbox.vmm_pid() or os.getpid()
 
-    def _share(self) -> Virtio9pShare:
+    def _share(self) -> Virtio9pShare | None:
         res = self.sandbox.resource("sharefs")
-        if res is None:
-            raise Unimplemented(f"sandbox {self.sandbox.id} has no shared filesystem for container rootfs")
-        share: Virtio9pShare = res.share
-        return share
+        return res.share if res is not None else None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -121,7 +122,11 @@ class ContainerOps:
         async with self._boot_lock:
             if self.sandbox.state is State.NEW:
                 self.sandbox_container = opts.id
-                await self.sandbox.start(opts)
+                await self.storage.before_boot(opts, spec)
+                try:
+                    await self.sandbox.start(opts)
+                finally:
+                    self.storage.boot_done(opts)
                 self.sandbox.spawn(self._forward_ooms())
         agent = self.sandbox.require_agent()
         container = _Container(opts.id, opts.bundle)
@@ -129,21 +134,25 @@ class ContainerOps:
         try:
             # root.readonly is the guest's to enforce (runc makes mount points in the rootfs first,
             # then remounts it read-only); the rootfs is the container's own overlay anyway
-            guest_root = await asyncio.to_thread(share.share_rootfs, opts.id, Path(opts.bundle) / "rootfs")
+            rootfs = await self.storage.attach(opts, spec, share)
+            view = rootfs.view
 
             def share_file(src: str, name: str, ro: bool) -> str:
+                if share is None:
+                    raise Unimplemented(f"sandbox {self.sandbox.id} has no shared filesystem for {src}")
                 container.shared_files.append(name)
                 return share.share_path(src, name, ro)
 
-            guest_spec = await asyncio.to_thread(oci_guest.to_guest, spec, opts.id, guest_root, share_file)
+            guest_spec = await asyncio.to_thread(oci_guest.to_guest, spec, opts.id, view.root_path, share_file,
+                                                 volumes=view.volumes, keep_devices=view.keep_devices)
             try:
-                await agent.create_container(opts.id, guest_spec)
+                await agent.create_container(opts.id, guest_spec, storages=view.storages, devices=view.devices)
             except KataColoError as exc:
                 log.warning("container %s: CreateContainer failed: %s; guest console (tail):\n%s",
                             opts.id, exc, self.sandbox.console_tail())
                 raise
         except BaseException:
-            await asyncio.to_thread(self._unshare, share, container)
+            await self._release(container)
             raise
         container.procs[""] = _Proc(opts.stdio, spec["process"])
         self.containers[opts.id] = container
@@ -152,11 +161,19 @@ class ContainerOps:
             self.memory_limits[opts.id] = limit  # counted when an Update resizes the VM
         return self._pid()
 
+    async def _release(self, container: _Container) -> None:
+        """Undo a container's storage (rootfs, disks, devices) and shared files."""
+        share = self._share()
+        try:
+            await self.storage.release(container.id, share)
+        finally:
+            if share is not None:
+                await asyncio.to_thread(self._unshare, share, container)
+
     @staticmethod
     def _unshare(share: Virtio9pShare, container: _Container) -> None:
         for name in container.shared_files:
             share.unshare_path(name)
-        share.unshare(container.id)
 
     async def _forward_ooms(self) -> None:
         agent = self.sandbox.agent
@@ -244,12 +261,10 @@ class ContainerOps:
         if self.sandbox.running and self.sandbox.agent is not None:
             with contextlib.suppress(KataColoError):
                 await self.sandbox.agent.remove_container(container_id)
-        res = self.sandbox.resource("sharefs")
         del self.containers[container_id]
         self.memory_limits.pop(container_id, None)
         try:
-            if res is not None:
-                await asyncio.to_thread(self._unshare, res.share, c)
+            await self._release(c)
         finally:
             if not self.containers or container_id == self.sandbox_container:
                 await self.shutdown()

@@ -4,7 +4,11 @@ What changes (as kata's runtime does): ``root.path`` points at the container's r
 guest share; host namespace paths are dropped (the guest has its own; the pod network is the
 guest's network); host hooks and host device nodes are dropped; bind mounts of host files and
 directories (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname, termination-log, volumes) are
-shared into the guest and their sources rewritten; ``cgroupsPath`` is set to a guest path.
+shared into the guest and their sources rewritten; mounts the storage provider serves from a
+disk in the guest (data disks, direct volumes, passed-through NVMe: ``volumes``) become binds of
+the guest directory the agent mounts the disk on; ``linux.devices`` entries for disks the agent
+resolves (``keep_devices``) stay (the agent puts the guest's device numbers in), VFIO and other
+host device nodes go; ``cgroupsPath`` is set to a guest path.
 Everything is validated: a malformed spec is an InvalidArgument before anything is created.
 """
 from __future__ import annotations
@@ -13,7 +17,7 @@ import copy
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from common.errors import InvalidArgument
@@ -61,13 +65,22 @@ def owns_share_name(container_id: str, name: str) -> bool:
     return re.match(rf"{re.escape(container_id)}-[0-9a-f]{{12}}-", name) is not None
 
 
-def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: ShareFile) -> dict[str, Any]:
+def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: ShareFile, *,
+             volumes: Mapping[str, tuple[str, bool]] | None = None,
+             keep_devices: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``volumes``: mount destination → (guest directory, read-only) for mounts served from a
+    disk in the guest (a destination the spec lacks is added)."""
     validate(spec)
     out = copy.deepcopy(spec)
     out.pop("hooks", None)
     out["root"] = {"path": guest_rootfs, "readonly": bool(spec.get("root", {}).get("readonly", False))}
     mounts = []
+    pending = dict(volumes or {})
     for m in out.get("mounts", []):
+        if m["destination"] in pending:
+            src, ro = pending.pop(m["destination"])
+            mounts.append(_volume_bind(m["destination"], src, ro))
+            continue
         mtype = m.get("type", "bind" if "bind" in (m.get("options") or []) else "")
         src = m.get("source", "")
         if mtype in _GUEST_FS or not src.startswith("/") or src.startswith(_HOST_ONLY_PREFIXES):
@@ -81,6 +94,7 @@ def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: 
         readonly = "ro" in (m.get("options") or [])
         m = dict(m, source=share(src, name, readonly))
         mounts.append(m)
+    mounts += [_volume_bind(dest, src, ro) for dest, (src, ro) in pending.items()]
     out["mounts"] = mounts
     linux = out.setdefault("linux", {})
     namespaces = []
@@ -90,9 +104,17 @@ def to_guest(spec: dict[str, Any], container_id: str, guest_rootfs: str, share: 
             continue  # the guest's network is the pod's network
         namespaces.append({"type": ns["type"]})
     linux["namespaces"] = namespaces
-    linux.pop("devices", None)
+    kept = [d for d in linux.pop("devices", None) or []
+            if isinstance(d, dict) and os.path.normpath(str(d.get("path", ""))) in keep_devices]
+    if kept:
+        linux["devices"] = kept
     linux["cgroupsPath"] = f"/kata-colo/{container_id}"
     return out
+
+
+def _volume_bind(destination: str, source: str, readonly: bool) -> dict[str, Any]:
+    return {"destination": destination, "type": "bind", "source": source,
+            "options": ["rbind", "ro" if readonly else "rw"]}
 
 
 def process_from_exec(spec: Any) -> dict[str, Any]:

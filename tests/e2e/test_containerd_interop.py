@@ -13,7 +13,7 @@ from google.protobuf import any_pb2, empty_pb2
 from proto.containerd.events import task_pb2 as events_pb2
 from proto.containerd.services.events import ttrpc_pb2
 from shim.convert import datetime_to_ts
-from tests.e2e.conftest import IMAGE, RUNTIME, shim_processes
+from tests.support.containerd import IMAGE, RUNTIME, shim_processes
 from ttrpc import Client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]

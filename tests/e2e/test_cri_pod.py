@@ -28,7 +28,7 @@ import pytest
 from common.errors import NotFound
 from cri.client import CriClient, container_config, pod_config
 from proto.cri.runtime.v1 import api_pb2 as api
-from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_processes
+from tests.support.containerd import IMAGE, RUNTIME, STATE_ROOT, Containerd, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 
@@ -36,7 +36,6 @@ HANDLER = "kata-colo"
 PAUSE_IMAGE = "localhost/kata-colo/pause:3.6"
 PORT = 8080
 GUEST_KERNEL = re.compile(r"^\d+\.\d+\.\d+-\d+-amd64$")
-STATE_ROOT = Path("/run/kata-colo/sbs")
 BUSYBOX = "/bin/busybox"
 T = TypeVar("T")
 

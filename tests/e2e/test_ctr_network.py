@@ -3,63 +3,33 @@ kata-colo shim with ``ctr run --with-ns network:<path>``; the VM's NIC is a tap 
 veth with tc mirred, and the guest's eth0 gets the veth's MAC, address, MTU and routes."""
 from __future__ import annotations
 
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import IMAGE, RUNTIME
-from tests.e2e.test_kata_colo_e2e import assert_nothing_left
+from tests.support import netns
+from tests.support.containerd import IMAGE, RUNTIME, assert_nothing_left
+from tests.support.netns import sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 
 NETNS = "kc-e2e-net"
-HOST_IF, POD_IF = "kce2e-h", "kce2e-p"
+HOST_IF = "kce2e-h"
 HOST_IP, POD_IP, MTU = "10.251.7.1", "10.251.7.2", 1400
 CID = "kc-e2e-net"
 
 
-def sh(*argv: str, check: bool = True) -> str:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} → {res.returncode}: {res.stderr}")
-    return res.stdout
-
-
-def netns_state() -> str:
-    """What CNI left in the netns: links, addresses, routes, qdiscs (to compare after teardown)."""
-    return "\n".join(sh("ip", "netns", "exec", NETNS, *cmd) for cmd in (
-        ["ip", "-o", "link", "show"], ["ip", "-o", "addr", "show"], ["ip", "route", "show"],
-        ["tc", "qdisc", "show"]))
-
-
 @pytest.fixture
 def cni_netns():
-    sh("ip", "netns", "del", NETNS, check=False)
-    sh("ip", "link", "del", HOST_IF, check=False)
-    sh("ip", "netns", "add", NETNS)
-    try:
-        sh("ip", "link", "add", HOST_IF, "mtu", str(MTU), "type", "veth", "peer", "name", POD_IF,
-           "mtu", str(MTU), "netns", NETNS)
-        sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", HOST_IF)
-        sh("ip", "link", "set", HOST_IF, "up")
-        for cmd in (["ip", "link", "set", POD_IF, "name", "eth0"],
-                    ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"],  # no "tentative" to compare
-                    ["ip", "addr", "add", f"{POD_IP}/24", "dev", "eth0"],
-                    ["ip", "link", "set", "eth0", "up"], ["ip", "link", "set", "lo", "up"],
-                    ["ip", "route", "add", "default", "via", HOST_IP]):
-            sh("ip", "netns", "exec", NETNS, *cmd)
-        yield f"/var/run/netns/{NETNS}"
-    finally:
-        sh("ip", "netns", "del", NETNS, check=False)
-        sh("ip", "link", "del", HOST_IF, check=False)
+    with netns.cni_netns(NETNS, host_if=HOST_IF, pod_ip=POD_IP, gw_ip=HOST_IP, mtu=MTU) as path:
+        yield path
 
 
 def test_pod_network_via_ctr_with_ns(kata_containerd, cni_netns):
     c = kata_containerd
-    before = netns_state()
+    before = netns.snapshot(NETNS)
     pod_mac = sh("ip", "netns", "exec", NETNS, "cat", "/sys/class/net/eth0/address").strip()
     c.ctr("run", "-d", "--runtime", RUNTIME, "--with-ns", f"network:{cni_netns}",
           "--annotation", "io.katacontainers.config.hypervisor.default_vcpus=2", IMAGE, CID,
@@ -103,5 +73,5 @@ def test_pod_network_via_ctr_with_ns(kata_containerd, cni_netns):
         c.ctr("container", "rm", CID, check=False)
     assert_nothing_left(c, CID)
     # the netns is exactly as CNI left it: no tap, no qdisc, no filter
-    assert netns_state() == before
+    assert netns.snapshot(NETNS) == before
     assert Path(cni_netns).exists()

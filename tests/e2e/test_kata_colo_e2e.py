@@ -7,39 +7,15 @@ import pty
 import re
 import select
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from shim.bootstrap import socket_path
-from tests.e2e.conftest import IMAGE, RUNTIME, shim_processes
+from tests.support.containerd import IMAGE, RUNTIME, assert_nothing_left, qemu_pids, shim_processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 GUEST_KERNEL = re.compile(r"^\d+\.\d+\.\d+-\d+-amd64$")
-STATE_ROOT = Path("/run/kata-colo/sbs")
-
-
-def qemu_pids(sandbox_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{STATE_ROOT}/{sandbox_id}/"], capture_output=True,
-                         text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def assert_nothing_left(c, sandbox_id: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        leftovers = {
-            "qemu": qemu_pids(sandbox_id),
-            "state": (STATE_ROOT / sandbox_id).exists(),
-            "mounts": [ln for ln in Path("/proc/self/mounts").read_text().splitlines() if f"/{sandbox_id}/" in ln],
-            "shim socket": [p for p in [socket_path(c.address, "default", sandbox_id)] if os.path.exists(p)],
-        }
-        if not any(leftovers.values()):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"left behind for {sandbox_id}: {leftovers}")
 
 
 def test_uname_shows_the_guest_kernel(kata_containerd):

@@ -24,9 +24,8 @@ import pytest
 from agent_api.client.rpc import AgentClient
 from common.errors import FailedPrecondition, InvalidArgument, NotFound
 from proto.kata import oci_pb2
+from tests.support.agent import BUSYBOX, RUNC, build_rootfs, exec_process, make_spec, read_all
 
-RUNC = shutil.which("runc") or "/usr/sbin/runc"
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
@@ -56,51 +55,6 @@ class AgentEnv:
         rootfs = self.shared / cid / "rootfs"
         build_rootfs(rootfs)
         return cid
-
-
-def build_rootfs(rootfs: Path) -> None:
-    (rootfs / "bin").mkdir(parents=True)
-    for d in ("proc", "sys", "dev", "tmp", "etc"):
-        (rootfs / d).mkdir()
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            os.symlink("busybox", rootfs / "bin" / applet)
-
-
-def make_spec(args: list[str], *, terminal: bool = False, rows: int = 0, cols: int = 0) -> oci_pb2.Spec:
-    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-    proc = oci_pb2.Process(
-        Terminal=terminal, Args=args, Env=["PATH=/bin", "TERM=xterm"], Cwd="/",
-        User=oci_pb2.User(UID=0, GID=0), NoNewPrivileges=True,
-        Capabilities=oci_pb2.LinuxCapabilities(Bounding=caps, Effective=caps, Permitted=caps),
-        Rlimits=[oci_pb2.POSIXRlimit(Type="RLIMIT_NOFILE", Hard=1024, Soft=1024)])
-    if rows:
-        proc.ConsoleSize.Height = rows
-        proc.ConsoleSize.Width = cols
-    mounts = [
-        oci_pb2.Mount(destination="/proc", type="proc", source="proc"),
-        oci_pb2.Mount(destination="/dev", type="tmpfs", source="tmpfs",
-                      options=["nosuid", "strictatime", "mode=755", "size=65536k"]),
-        oci_pb2.Mount(destination="/dev/pts", type="devpts", source="devpts",
-                      options=["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]),
-        oci_pb2.Mount(destination="/sys", type="sysfs", source="sysfs",
-                      options=["nosuid", "noexec", "nodev", "ro"]),
-    ]
-    linux = oci_pb2.Linux(
-        Resources=oci_pb2.LinuxResources(
-            Devices=[oci_pb2.LinuxDeviceCgroup(Allow=False, Access="rwm", Major=-1, Minor=-1)]),
-        CgroupsPath="/host/path/is/ignored",
-        Namespaces=[oci_pb2.LinuxNamespace(Type=t) for t in ("pid", "ipc", "uts", "mount")]
-        + [oci_pb2.LinuxNamespace(Type="network", Path="/var/run/netns/host-side")],
-        MaskedPaths=["/proc/kcore"], ReadonlyPaths=["/proc/sys"])
-    return oci_pb2.Spec(Version="1.0.2", Process=proc, Root=oci_pb2.Root(Path="rootfs"),
-                        Hostname="ctr", Mounts=mounts, Linux=linux)
-
-
-def exec_process(args: list[str], *, terminal: bool = False) -> oci_pb2.Process:
-    return make_spec(args, terminal=terminal).Process
 
 
 def runc_list(root: Path) -> list[dict[str, object]]:
@@ -153,15 +107,6 @@ async def client(agent_env: AgentEnv) -> AgentClient:
     await c.wait_ready(20)
     yield c
     await c.close()
-
-
-async def read_all(client: AgentClient, cid: str, exec_id: str = "", *, stderr: bool = False) -> bytes:
-    reader = client.read_stderr if stderr else client.read_stdout
-    chunks = []
-    async with asyncio.timeout(30):
-        while data := await reader(cid, exec_id):
-            chunks.append(data)
-    return b"".join(chunks)
 
 
 async def test_health_and_version(client: AgentClient) -> None:

@@ -29,6 +29,7 @@ from common.errors import InvalidArgument, NotFound
 from hypervisor.base import AgentAddress
 from proto.kata import types_pb2
 from shim.resources.network import VethEndpoint, scan_netns
+from tests.support.netns import ip
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = shutil.which("busybox")
@@ -41,10 +42,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns)"),
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 not installed"),
 ]
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
 
 def ip_json(ns: str, *args: str) -> list[dict[str, Any]]:
@@ -69,25 +66,25 @@ class Env:
 def make_cni_netns(ns: str) -> None:
     """eth0 as a CNI bridge plugin leaves it: MAC, MTU, v4 + v6 addresses, routes, a static
     neighbour; its peer stays in the same netns (only the scan reads this netns)."""
-    _ip("netns", "add", ns)
-    _ip("-n", ns, "link", "add", "eth0", "mtu", str(MTU), "address", CNI_MAC, "type", "veth",
+    ip("netns", "add", ns)
+    ip("-n", ns, "link", "add", "eth0", "mtu", str(MTU), "address", CNI_MAC, "type", "veth",
         "peer", "name", "cnipeer")
-    _ip("-n", ns, "link", "set", "cnipeer", "up")
-    _ip("-n", ns, "addr", "add", "10.99.0.5/24", "brd", "+", "dev", "eth0")
-    _ip("-n", ns, "addr", "add", "fd00:99::5/64", "dev", "eth0", "nodad")
-    _ip("-n", ns, "link", "set", "eth0", "up")
-    _ip("-n", ns, "route", "add", "default", "via", "10.99.0.1", "dev", "eth0")
-    _ip("-n", ns, "route", "add", "192.168.50.0/24", "via", "10.99.0.254", "dev", "eth0")
-    _ip("-n", ns, "-6", "route", "add", "default", "via", "fd00:99::1", "dev", "eth0")
-    _ip("-n", ns, "neigh", "add", "10.99.0.1", "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent")
-    _ip("-n", ns, "neigh", "add", "fd00:99::1", "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent")
+    ip("-n", ns, "link", "set", "cnipeer", "up")
+    ip("-n", ns, "addr", "add", "10.99.0.5/24", "brd", "+", "dev", "eth0")
+    ip("-n", ns, "addr", "add", "fd00:99::5/64", "dev", "eth0", "nodad")
+    ip("-n", ns, "link", "set", "eth0", "up")
+    ip("-n", ns, "route", "add", "default", "via", "10.99.0.1", "dev", "eth0")
+    ip("-n", ns, "route", "add", "192.168.50.0/24", "via", "10.99.0.254", "dev", "eth0")
+    ip("-n", ns, "-6", "route", "add", "default", "via", "fd00:99::1", "dev", "eth0")
+    ip("-n", ns, "neigh", "add", "10.99.0.1", "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent")
+    ip("-n", ns, "neigh", "add", "fd00:99::1", "lladdr", GW_MAC, "dev", "eth0", "nud", "permanent")
 
 
 def make_guest_netns(ns: str) -> None:
     """The guest's NIC as QEMU presents it: the veth's MAC, another name, no config."""
-    _ip("netns", "add", ns)
-    _ip("-n", ns, "link", "add", "ens3", "address", CNI_MAC, "type", "veth", "peer", "name", "gpeer")
-    _ip("-n", ns, "link", "set", "gpeer", "up")
+    ip("netns", "add", ns)
+    ip("-n", ns, "link", "add", "ens3", "address", CNI_MAC, "type", "veth", "peer", "name", "gpeer")
+    ip("-n", ns, "link", "set", "gpeer", "up")
 
 
 @pytest.fixture(params=["iproute2", pytest.param("busybox", marks=pytest.mark.skipif(

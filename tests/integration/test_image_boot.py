@@ -20,11 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import image as guest_image
+
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BUILDER = REPO / "vm-images" / "build.py"
-IMAGE_ROOT = Path(os.environ.get("KATA_COLO_IMAGE_DIR", "/var/lib/kata-colo/images"))
+IMAGE_ROOT = guest_image.root()
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 BOOT_TIMEOUT = 240
 

@@ -27,6 +27,7 @@ from common.errors import InvalidArgument, NotFound, ResourceError
 from shim.resources.network import TcFilterNetwork, VethEndpoint, scan_netns
 from shim.resources.network.netns import run_in_netns
 from shim.resources.network.tc_fast import load_speedups
+from tests.support.netns import ip, ns_sh
 
 pytestmark = [
     pytest.mark.root,
@@ -62,14 +63,7 @@ class NsPair:
         return f"/var/run/netns/{self.peer}"
 
     def sh(self, cmd: str, ns: str | None = None) -> str:
-        out = subprocess.run(["ip", "netns", "exec", ns or self.pod, "sh", "-c", cmd],
-                             capture_output=True, text=True, timeout=30)
-        assert out.returncode == 0, f"{cmd}: {out.stderr}"
-        return out.stdout
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+        return ns_sh(ns or self.pod, "sh", "-c", cmd)
 
 
 @pytest.fixture
@@ -77,20 +71,20 @@ def nspair() -> Iterator[NsPair]:
     tag = f"kc-test-{secrets.token_hex(3)}"
     pair = NsPair(pod=f"{tag}-pod", peer=f"{tag}-peer")
     try:
-        _ip("netns", "add", pair.pod)
-        _ip("netns", "add", pair.peer)
-        _ip("-n", pair.pod, "link", "add", "eth0", "mtu", str(MTU), "address", POD_MAC,
+        ip("netns", "add", pair.pod)
+        ip("netns", "add", pair.peer)
+        ip("-n", pair.pod, "link", "add", "eth0", "mtu", str(MTU), "address", POD_MAC,
             "type", "veth", "peer", "name", "peer0", "netns", pair.peer)
-        _ip("-n", pair.peer, "link", "set", "peer0", "address", PEER_MAC, "mtu", str(MTU), "up")
-        _ip("-n", pair.pod, "link", "set", "lo", "up")
+        ip("-n", pair.peer, "link", "set", "peer0", "address", PEER_MAC, "mtu", str(MTU), "up")
+        ip("-n", pair.pod, "link", "set", "lo", "up")
         # no duplicate address detection: snapshots must not race "tentative" addresses
         subprocess.run(["ip", "netns", "exec", pair.pod, "sysctl", "-qw",
                         "net.ipv6.conf.eth0.accept_dad=0"], check=True, timeout=30)
-        _ip("-n", pair.pod, "addr", "add", "10.231.0.2/24", "dev", "eth0")
-        _ip("-n", pair.pod, "addr", "add", "fd00:231::2/64", "dev", "eth0", "nodad")
-        _ip("-n", pair.pod, "link", "set", "eth0", "up")
-        _ip("-n", pair.pod, "route", "add", "default", "via", "10.231.0.1")
-        _ip("-n", pair.pod, "neigh", "add", "10.231.0.1", "lladdr", PEER_MAC, "dev", "eth0",
+        ip("-n", pair.pod, "addr", "add", "10.231.0.2/24", "dev", "eth0")
+        ip("-n", pair.pod, "addr", "add", "fd00:231::2/64", "dev", "eth0", "nodad")
+        ip("-n", pair.pod, "link", "set", "eth0", "up")
+        ip("-n", pair.pod, "route", "add", "default", "via", "10.231.0.1")
+        ip("-n", pair.pod, "neigh", "add", "10.231.0.1", "lladdr", PEER_MAC, "dev", "eth0",
             "nud", "permanent")
         yield pair
     finally:

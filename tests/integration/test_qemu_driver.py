@@ -6,7 +6,6 @@ VM carries many assertions. The bad-kernel tests need no guest image and always 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -19,10 +18,11 @@ from common.errors import HypervisorError
 from hypervisor.base import Hypervisor, SharedDir, VmConfig
 from hypervisor.qemu.driver import QemuHypervisor
 from hypervisor.qemu.options import QemuOptions
+from tests.support import image
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
-IMAGE_DIR = Path("/var/lib/kata-colo/images/current")
+IMAGE_DIR = image.current()
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 MIB = 1 << 20
 
@@ -33,11 +33,7 @@ needs_image = pytest.mark.skipif(
 
 
 def image_files() -> tuple[str, str]:
-    manifest = json.loads((IMAGE_DIR / "manifest.json").read_text())
-    # manifest "kernel" is the kernel version; the file names are under "vmlinux"/"initrd"
-    kernel = str(IMAGE_DIR / manifest.get("vmlinux", "vmlinux"))
-    initrd = str(IMAGE_DIR / manifest.get("initrd", "initramfs.cpio"))
-    return kernel, initrd
+    return image.kernel_and_initrd()
 
 
 # The guest init powers off when the image carries no agent; "shell" keeps the guest alive.

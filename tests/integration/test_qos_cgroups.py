@@ -22,6 +22,7 @@ from common.errors import ConfigError, ResourceError
 from shim.config import ColoConfig
 from shim.resources.qos import QosConfig, QosManager, detect_driver, parse_vcpu_priorities, placement
 from shim.resources.qos.driver import CgroupDriver
+from tests.support.cgroups import sweep
 
 pytestmark = [
     pytest.mark.root,
@@ -89,12 +90,6 @@ def controllers(driver: CgroupDriver) -> list[str]:
     return ["cpu", "cpuacct", "cpuset"] if driver.version == 1 else [""]
 
 
-def _sweep(driver: CgroupDriver, root: str) -> None:
-    for sandbox in driver.children(root):
-        QosManager.cleanup_sandbox(sandbox.rsplit("/", 1)[-1], root, driver)
-    driver.remove_tree(root, "")
-
-
 @pytest.fixture
 def root_name() -> Iterator[str]:
     name = f"kata-colo-test-{secrets.token_hex(4)}"
@@ -102,7 +97,7 @@ def root_name() -> Iterator[str]:
     try:
         yield name
     finally:
-        _sweep(driver, name)
+        sweep(driver, name)
         assert not driver.exists(name)
 
 

@@ -18,9 +18,9 @@ from shim.backend import BackendContext, CreateOpts, Stdio
 from shim.config import ANNOTATION_CONTAINER_PRIORITY, ANNOTATION_HV_PREFIX, ANNOTATION_VCPU_PRIORITIES
 from shim.resources.qos import detect_driver
 from shim.sandbox.sandbox import Sandbox
-from tests.integration.test_agent_host import read_all
-from tests.integration.test_qos_cgroups import _sweep
-from tests.integration.test_vm_agent import IMAGE, container
+from tests.support.agent import read_all
+from tests.support.booted_vm import IMAGE, container
+from tests.support.cgroups import sweep
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups)"),
@@ -100,7 +100,7 @@ async def test_vcpu_priorities_host_and_guest(tmp_path):
             await guest.client.create_container("c-bad", bad)
     finally:
         await sandbox.stop()
-        _sweep(driver, root)
+        sweep(driver, root)
         shutil.rmtree(state, ignore_errors=True)
     assert qemu_pid and not os.path.exists(f"/proc/{qemu_pid}")
     assert not driver.exists(f"{root}/{sid}")

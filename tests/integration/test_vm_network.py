@@ -18,7 +18,8 @@ from proto.kata import types_pb2
 from shim.resources.network.endpoint import NUD_PERMANENT, RT_SCOPE_LINK, IPAddr, Neighbor, Route, VethEndpoint
 from shim.resources.network.netns import run_in_netns
 from shim.resources.network.tap import open_tap_queues
-from tests.integration.test_vm_agent import IMAGE, booted_vm
+from tests.support.booted_vm import IMAGE, booted_vm
+from tests.support.netns import ns_run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root,
               pytest.mark.skipif(not (IMAGE / "manifest.json").exists(), reason="guest image not built"),
@@ -27,11 +28,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root,
 BUSYBOX = shutil.which("busybox")  # its ping: the host has no iputils (busybox-static is a setup package)
 GUEST_MAC = "02:6b:63:00:02:05"
 HOST_MAC = "02:6b:63:00:02:01"
-
-
-def sh(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=60,
-                          check=check)
 
 
 def pod_endpoint() -> VethEndpoint:
@@ -49,7 +45,7 @@ def pod_endpoint() -> VethEndpoint:
 
 def ping(ns: str, addr: str, deadline: float) -> subprocess.CompletedProcess[str]:
     while True:  # IPv6 DAD in the guest takes about a second
-        out = sh(ns, BUSYBOX or "busybox", "ping", "-c", "2", "-W", "3", addr, check=False)
+        out = ns_run(ns, BUSYBOX or "busybox", "ping", "-c", "2", "-W", "3", addr, check=False)
         if out.returncode == 0 or time.monotonic() > deadline:
             return out
 
@@ -62,7 +58,7 @@ async def test_vm_guest_network_from_endpoint() -> None:
         for cmd in (["ip", "link", "set", "tap0", "address", HOST_MAC, "mtu", "1400", "up"],
                     ["ip", "addr", "add", "10.99.0.1/24", "dev", "tap0"],
                     ["ip", "addr", "add", "fd00:99::1/64", "dev", "tap0", "nodad"]):
-            sh(ns, *cmd)
+            ns_run(ns, *cmd)
         async with booted_vm(1, "kcnet", nics=(NetDevice(id="nic0", mac=GUEST_MAC, tap_fds=(fd,)),)) as vm:
             os.close(fd)
             ep = pod_endpoint()
@@ -85,7 +81,7 @@ async def test_vm_guest_network_from_endpoint() -> None:
             out = ping(ns, "fd00:99::5", deadline)
             assert out.returncode == 0, out.stdout + out.stderr
             # the guest answered from the static neighbour's MAC, learnt by the netns via ARP/NDP
-            neigh = sh(ns, "ip", "neigh", "show", "dev", "tap0").stdout
+            neigh = ns_run(ns, "ip", "neigh", "show", "dev", "tap0").stdout
             assert GUEST_MAC in neigh, neigh
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)

@@ -90,10 +90,14 @@ class Virtio9pShare:
                     self.unshare_path(child)
 
     def _remove(self, path: Path) -> None:
-        """Remove ``path`` (not following symlinks) once nothing is mounted below it."""
+        """Remove ``path`` (not following symlinks) once nothing is mounted below it. A symlink
+        the guest planted is removed as such: what it points at is never looked at."""
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+            return
         if mounts_under(path):
             raise ResourceError(f"{path}: still mounted, not removing it")
-        if path.is_symlink() or not path.is_dir():
+        if not path.is_dir():
             path.unlink(missing_ok=True)
         else:
             shutil.rmtree(path)

@@ -23,7 +23,7 @@ from agent_api.client.rpc import TIMEOUTS, AgentClient
 from common.errors import InvalidArgument, NotFound
 from proto.kata import oci_pb2
 from shim.resources.qos.annotation import render_guest_json
-from tests.unit.agent_api.test_agent_server import unit_agent
+from tests.support.agent import unit_agent
 
 
 def test_cpu_lists() -> None:

@@ -89,3 +89,40 @@ async def test_pipe_create_failure_is_internal_with_log_message(runc: Runc, tmp_
 async def test_delete_of_unknown_container_is_not_found(runc: Runc) -> None:
     with pytest.raises(NotFound):
         await runc.delete("c1")
+
+
+HANGING_RUNC = f"""#!{sys.executable}
+import json, sys, time
+args = sys.argv[1:]
+log = args[args.index("--log") + 1] if "--log" in args else None
+if log:
+    with open(log, "a") as f:
+        f.write(json.dumps({{"level": "error", "msg": "stuck in nsexec"}}) + "\\n")
+time.sleep(600)
+"""
+
+
+async def test_a_hung_runc_create_is_killed_with_a_deadline_error(tmp_path: Path, monkeypatch) -> None:
+    from agent_api.agent import runc as runc_mod
+    from common.errors import DeadlineExceeded
+
+    monkeypatch.setattr(runc_mod, "CREATE_TIMEOUT", 0.5)
+    binary = tmp_path / "runc"
+    binary.write_text(HANGING_RUNC)
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    reaper = Reaper()
+    reaper.install(subreaper=False)
+    try:
+        r = Runc(reaper, str(binary), str(tmp_path / "root"))
+        stdio = StdioSetup(terminal=False)
+        with pytest.raises(DeadlineExceeded, match="stuck in nsexec"):
+            await r.create("c1", str(bundle), str(bundle / "pid"), stdio.runc_stdio)
+        stdio.close()
+    finally:
+        reaper.uninstall()
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", str(binary)], capture_output=True, text=True).stdout.split()
+    assert not left  # the hung runc was killed and reaped

@@ -3,30 +3,20 @@ InvalidArgument/ResourceExhausted/NotFound and the agent keeps serving; reaper a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from agent_api.agent.agent_config import AgentConfig
 from agent_api.agent.reaper import Reaper, run, spawn
 from agent_api.agent.server import Agent, find_serial_port
 from agent_api.client.rpc import AgentClient
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
 from proto.kata import agent_pb2, oci_pb2
 from proto.ttrpc import ttrpc_pb2
+from tests.support.agent import unit_agent
 from ttrpc import framing
-
-
-def unit_agent(tmp_path: Path) -> tuple[Agent, str]:
-    """An in-process agent on a Unix socket under tmp_path (no serial, no vsock, no runc)."""
-    sock = str(tmp_path / "agent.sock")
-    cfg = dataclasses.replace(AgentConfig(), state_dir=str(tmp_path / "state"), runc="/nonexistent/runc",
-                              shared_dir=str(tmp_path / "shared"), listen=(f"unix:{sock}",),
-                              use_serial=False, use_vsock=False, cgroup_parent="/kata-colo-unit-none")
-    return Agent(cfg, subreaper=False), sock
 
 
 @pytest.fixture

@@ -162,7 +162,9 @@ def test_cold_plugged_disks_and_vfio():
     assert "virtio-scsi-pci,id=scsi0" in devices
     assert "scsi-hd,id=scratch0,drive=scratch0-blk,bus=scsi0.0" in devices
     assert "nvme,id=data0,drive=data0-blk,serial=data0" in devices
-    assert "vfio-pci,id=hostdev0,host=0000:3b:00.0" in devices
+    # kata's cold_plug_vfio = "root-port": each VFIO function behind its own root port
+    assert "pcie-root-port,id=rpv0,bus=pcie.0,chassis=1,slot=0" in devices
+    assert "vfio-pci,id=hostdev0,host=0000:3b:00.0,bus=rpv0" in devices
 
 
 @pytest.mark.parametrize("changes, fragment", [

@@ -79,3 +79,28 @@ def test_bad_names_are_invalid(share, tmp_path):
         share.share_path("/etc/hosts", "../x")
     with pytest.raises(InvalidArgument):
         share.share_path("relative", "ok-name")
+
+
+def test_guest_moves_a_container_dir_and_plants_a_symlink_to_a_mounted_host_dir(share, tmp_path):
+    """The guest renames ``c3`` (its rootfs bind inside) and puts ``c3 -> <host dir with a
+    mount>`` in its place: unshare removes the symlink without following it (no error, the host
+    mount untouched) and the share's cleanup still finds and unmounts the moved bind."""
+    from common.mount import mount, umount
+
+    victim = tmp_path / "victim"
+    (victim / "m").mkdir(parents=True)
+    mount("tmpfs", str(victim / "m"), "tmpfs")
+    try:
+        rootfs = tmp_path / "rootfs3"
+        rootfs.mkdir()
+        share.share_rootfs("c3", rootfs)
+        os.rename(share.host_dir / "c3", share.host_dir / "c3-moved")
+        os.symlink(victim, share.host_dir / "c3")
+        share.unshare("c3")
+        assert not os.path.lexists(share.host_dir / "c3")
+        assert mounts_under(victim) == [str(victim / "m")]            # the host's mount is untouched
+        assert mounts_under(share.host_dir) == [str(share.host_dir / "c3-moved" / "rootfs")]
+        share.cleanup()
+        assert not mounts_under(tmp_path / "sb") and mounts_under(victim) == [str(victim / "m")]
+    finally:
+        umount(str(victim / "m"))

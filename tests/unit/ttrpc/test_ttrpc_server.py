@@ -113,7 +113,7 @@ async def test_empty_success_is_a_zero_length_response(served: Served) -> None:
     w.close()
 
 
-async def test_server_deadline_cancels_handler(served: Served) -> None:
+async def test_server_deadline_cancels_handler(served: Served, caplog) -> None:
     _, impl, path = served
     r, w = await asyncio.open_unix_connection(path)
     payload = shim_pb2.PidsRequest(id="30").SerializeToString()
@@ -124,6 +124,8 @@ async def test_server_deadline_cancels_handler(served: Served) -> None:
     assert resp.status.code == errors.Code.DEADLINE_EXCEEDED
     assert loop.time() - t0 < 5
     assert impl.cancelled == ["Pids"]
+    # logged where the server runs (the guest console for the agent): the host gave up here
+    assert any("Pids: the caller's deadline of 0.1s passed" in r.getMessage() for r in caplog.records)
     w.close()
 
 
