@@ -61,6 +61,8 @@ class FakeGuestAgent:
         self.stats_result = stats or Stats(cpu_usage_ns=1, memory_usage=2)
         self.sandbox: dict[str, Any] | None = None
         self.containers: dict[str, dict[str, Any]] = {}
+        self.storages: dict[str, list[dict[str, Any]]] = {}
+        self.devices: dict[str, list[dict[str, Any]]] = {}
         self.procs: dict[tuple[str, str], FakeProcess] = {}
         self.vcpu_priorities: dict[str, list[int]] | None = None
         self.network: tuple[list[dict[str, Any]], ...] | None = None
@@ -183,8 +185,12 @@ class FakeGuestAgent:
         await self._enter("set_vcpu_priorities", mapping)
         self.vcpu_priorities = {k: list(v) for k, v in mapping.items()}
 
-    async def create_container(self, container_id: str, spec: dict[str, Any]) -> None:
+    async def create_container(self, container_id: str, spec: dict[str, Any], *,
+                               storages: list[dict[str, Any]] | None = None,
+                               devices: list[dict[str, Any]] | None = None) -> None:
         await self._enter("create_container", container_id, spec)
+        self.storages[container_id] = list(storages or [])
+        self.devices[container_id] = list(devices or [])
         self.containers[container_id] = spec
         self.procs[(container_id, "")] = FakeProcess(container_id, "", dict(spec.get("process") or {}))
 

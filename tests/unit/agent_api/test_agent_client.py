@@ -25,8 +25,12 @@ def test_timeout_table_covers_every_rpc() -> None:
         if name in BLOCKING:
             assert value is None, name
         else:
-            assert value is not None and 1 <= value <= 60, name
-    assert TIMEOUTS["CreateContainer"] == 60
+            assert value is not None and 1 <= value <= 120, name
+    # the agent kills a runc create hung past runc.CREATE_TIMEOUT and tries once more: the
+    # host must wait for both attempts
+    from agent_api.agent.runc import CREATE_TIMEOUT
+
+    assert TIMEOUTS["CreateContainer"] > 2 * CREATE_TIMEOUT
 
 
 def test_client_has_a_method_per_rpc() -> None:
