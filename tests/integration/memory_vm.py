@@ -1,5 +1,5 @@
 """Helpers of the memory elasticity VM tests and bench: a real Sandbox (QEMU under TCG, the built
-guest image named by ``$KATA_COLO_CONFIG``) with memory keys, commands in the guest outside any
+guest image of ``$KATA_COLO_IMAGE_DIR``, :mod:`tests.support.image`) with memory keys, commands in the guest outside any
 container (the debug console), the guest's /proc/meminfo and the host RSS of QEMU."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shim import config
 from shim.backend import BackendContext, CreateOpts, Stdio
 from shim.sandbox.sandbox import Sandbox
+from tests.support import image
 
 MIB = 1 << 20
 
@@ -20,12 +20,12 @@ MIB = 1 << 20
 def write_config(directory: Path, *, memory: int, maxmemory: int = 0, virtio_mem: bool = False,
                  reclaim: bool = True, balloon: bool = True, resize_timeout: float = 30.0,
                  reserve_mib: int = 64, vcpus: int = 2) -> Path:
-    """A configuration for the image ``$KATA_COLO_CONFIG`` (or the shipped default) names."""
-    hv = config.load().hypervisor
+    """A configuration booting the built guest image."""
+    kernel, initrd = image.kernel_and_initrd()
     path = directory / "configuration.toml"
     path.write_text(f"""[hypervisor.qemu]
-kernel = "{hv.kernel}"
-initrd = "{hv.initrd}"
+kernel = "{kernel}"
+initrd = "{initrd}"
 default_vcpus = {vcpus}
 default_memory = {memory}
 default_maxmemory = {maxmemory}

@@ -1,4 +1,4 @@
-"""Memory elasticity on a real VM (QEMU under TCG, the guest image of ``$KATA_COLO_CONFIG``),
+"""Memory elasticity on a real VM (QEMU under TCG, the guest image of ``$KATA_COLO_IMAGE_DIR``),
 through the Sandbox handle the management socket and the node policy use:
 
 - virtio-mem: 512 MiB boot + 512 MiB plugged = 1 GiB → 512 MiB, the guest's MemTotal follows
@@ -31,8 +31,8 @@ from tests.integration.memory_vm import (
     running_sandbox,
     write_config,
 )
-from tests.integration.test_agent_host import read_all
-from tests.integration.test_vm_agent import IMAGE, container
+from tests.support.agent import read_all
+from tests.support.booted_vm import IMAGE, container
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
