@@ -4,10 +4,12 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 APT_PACKAGES := qemu-system-x86 containerd runc containernetworking-plugins busybox-static \
-	kmod cpio e2fsprogs erofs-utils iproute2 iperf3 xz-utils zstd binutils prometheus
+	kmod cpio e2fsprogs erofs-utils iproute2 iperf3 xz-utils zstd binutils prometheus \
+	gcc libc6-dev libcurl4-openssl-dev nginx-light stress-ng rt-tests
 PYTEST_ARGS ?=
 
-MYPY_PACKAGES := common ttrpc shim hypervisor agent_api/client agent_api/oci_codec.py cri ctl monitor deviceplugin
+MYPY_PACKAGES := common ttrpc shim hypervisor agent_api/client agent_api/oci_codec.py cri ctl monitor deviceplugin \
+	resourced
 CONFIG_DIR := /etc/kata-colo
 
 .PHONY: setup apt python config image lint test unit demo bench clean-state
@@ -27,7 +29,8 @@ python:
 	$(PYTHON) proto/build.py
 	$(PYTHON) setup.py -q build_ext --inplace
 	@scripts=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'); \
-	for s in containerd-shim-kata-colo-v2 kata-colo-ctl kata-colo-monitor kata-colo-device-plugin; do ln -sf $$scripts/$$s /usr/local/bin/$$s; done
+	for s in containerd-shim-kata-colo-v2 kata-colo-ctl kata-colo-monitor kata-colo-device-plugin kata-colo-resourced; do \
+	  ln -sf $$scripts/$$s /usr/local/bin/$$s; done
 
 # The configuration with commented defaults; a file the user already has is never overwritten.
 config:

@@ -161,7 +161,7 @@ def main() -> None:
         return
     sys.path.insert(0, str(REPO))
     from bench import bench_shim as bs
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
     shim_dir = product_shim_dir()
     c = start_containerd([shim_dir])

@@ -105,7 +105,7 @@ def main() -> None:
         print("bench_storage: needs root, containerd and a built guest image; skipped")
         return
     sys.path.insert(0, str(REPO))
-    from tests.e2e.conftest import product_shim_dir, start_containerd, stop_containerd
+    from tests.support.containerd import product_shim_dir, start_containerd, stop_containerd
 
     d = Path(tempfile.mkdtemp(prefix="kc-bench-storage-", dir="/var/tmp"))
     block_cfg, ninep_cfg = _config(d, True), _config(d, False)

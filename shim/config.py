@@ -62,7 +62,7 @@ class HypervisorConfig:
     shared_fs: str = "virtio-9p"
     enable_debug: bool = False
     boot_timeout: float = 60.0
-    enable_annotations: tuple[str, ...] = ("default_vcpus", "default_memory")
+    enable_annotations: tuple[str, ...] = ("default_vcpus", "default_memory", "disable_block_device_use")
     disable_block_device_use: bool = False
     hot_plug_vfio: str = "root-port"
     cold_plug_vfio: str = "root-port"
@@ -94,6 +94,11 @@ class RuntimeConfig:
     hypervisor: str = DEFAULT_HYPERVISOR
     static_sandbox_resource_mgmt: bool = False
     admin_gid: int = 0
+
+
+ONLINE_CGROUPS = ("kubepods/burstable", "kubepods/pod*", "kubepods.slice/kubepods-burstable.slice",
+                  "kubepods.slice/kubepods-pod*.slice")
+OFFLINE_CGROUPS = ("kubepods/besteffort", "kubepods.slice/kubepods-besteffort.slice")
 
 
 @dataclass(frozen=True)
@@ -135,8 +140,21 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class ColoConfig:
+    """``[colo]``: where sandboxes live in the host cgroup tree and how the tiers are named.
+
+    ``sandbox_cgroup_only`` (kata's name): shim + VMM join the sandbox's OCI cgroupsPath (or
+    ``<cgroup_root>/<id>`` without one), limited to the pod's memory + ``memory_overhead_mib``.
+    ``online_cgroups`` / ``offline_cgroups``: the tiers (paths below each hierarchy root, ``*``
+    globs per component) whose usage the node agent measures; ``cgroup_root`` is always offline.
+    ``root`` / ``vmm`` / ``priorities``: knob tables (shim.resources.qos.model)."""
+
     cgroup_root: str = "kata-colo"
+    sandbox_cgroup_only: bool = True
+    memory_overhead_mib: int = 256
+    online_cgroups: tuple[str, ...] = ONLINE_CGROUPS
+    offline_cgroups: tuple[str, ...] = OFFLINE_CGROUPS
     root: Mapping[str, Any] = field(default_factory=dict)
+    vmm: Mapping[str, Any] = field(default_factory=dict)
     priorities: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
@@ -195,6 +213,10 @@ class Config:
                "runtime.internetworking_model must be 'tcfilter' or 'none'")
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.colo.cgroup_root)),
                f"colo.cgroup_root must be a plain cgroup name, not {self.colo.cgroup_root!r}")
+        _check(0 <= self.colo.memory_overhead_mib <= 1 << 20, "colo.memory_overhead_mib must be 0..1048576")
+        for tier in (*self.colo.online_cgroups, *self.colo.offline_cgroups):
+            _check(bool(re.fullmatch(r"[A-Za-z0-9_.@*?+-]+(/[A-Za-z0-9_.@*?+-]+)*", tier.strip("/")))
+                   and ".." not in tier.split("/"), f"colo: bad tier cgroup path {tier!r}")
         for name in self.colo.priorities:
             _check(bool(re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", name)),
                    f"colo.priorities: bad priority name {name!r}")
@@ -287,10 +309,13 @@ def parse(text: str, source: str = "<string>", host_paths: host.HostPaths = host
     colo_raw = dict(raw.get("colo", {}))
     priorities = colo_raw.pop("priorities", {})
     root = colo_raw.pop("root", {})
+    vmm = colo_raw.pop("vmm", {})
     colo = _section(ColoConfig, {k: v for k, v in colo_raw.items()}, "colo")
     if not isinstance(priorities, Mapping) or not all(isinstance(v, Mapping) for v in priorities.values()):
         raise ConfigError(f"invalid configuration {source}: [colo.priorities.<name>] must be tables")
-    colo = dataclasses.replace(colo, priorities=dict(priorities), root=dict(root))
+    if not isinstance(root, Mapping) or not isinstance(vmm, Mapping):
+        raise ConfigError(f"invalid configuration {source}: [colo.root] and [colo.vmm] must be tables")
+    colo = dataclasses.replace(colo, priorities=dict(priorities), root=dict(root), vmm=dict(vmm))
     cfg = Config(
         hypervisor=sections.get(runtime.hypervisor) or _default_hypervisor(runtime.hypervisor),
         agent=_section(AgentConfig, raw.get("agent", {}).get("kata", {}), "agent.kata"),
@@ -324,6 +349,10 @@ def load(config_path: str | None = None) -> Config:
     return parse(text, str(path))
 
 
+#: kata's boolean hypervisor annotations kata-colo honours (when listed in enable_annotations)
+_BOOL_ANNOTATIONS = ("disable_block_device_use",)
+
+
 def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
     """Return cfg with the allowed kata hypervisor annotations applied (ConfigError otherwise)."""
     hv = cfg.hypervisor
@@ -334,6 +363,11 @@ def apply_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
         name = key[len(ANNOTATION_HV_PREFIX):]
         if name not in hv.enable_annotations:
             raise ConfigError(f"annotation {key} is not enabled in configuration (enable_annotations)")
+        if name in _BOOL_ANNOTATIONS:
+            if value not in ("true", "false"):
+                raise ConfigError(f"annotation {key}={value!r} must be true or false")
+            changes[name] = value == "true"
+            continue
         if name not in ("default_vcpus", "default_memory", "default_maxvcpus", "default_maxmemory"):
             raise ConfigError(f"annotation {key} is not supported")
         try:

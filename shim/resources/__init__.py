@@ -15,12 +15,14 @@ from shim.resources.blockdev.resource import ContainerStorage
 from shim.resources.manager import RecoverFn, Resource, ResourceContext, ResourceManager
 from shim.resources.memory import MemoryResource
 from shim.resources.network.resource import NetworkResource
+from shim.resources.podcgroup.resource import PodCgroupResource
 from shim.resources.qos.resource import QosResource
 from shim.resources.sharefs import ShareFsResource
 from shim.resources.vfio.physical import PhysicalNicResource
 
-SANDBOX_RESOURCES: tuple[Any, ...] = (ShareFsResource, NetworkResource, PhysicalNicResource, QosResource,
-                                      ContainerStorage, MemoryResource)
+# PodCgroupResource first: the shim joins the sandbox cgroup before anything (the VMM) is spawned.
+SANDBOX_RESOURCES: tuple[Any, ...] = (PodCgroupResource, ShareFsResource, NetworkResource, PhysicalNicResource,
+                                      QosResource, ContainerStorage, MemoryResource)
 
 _OFFERS: dict[str, list[Resource]] = {}
 

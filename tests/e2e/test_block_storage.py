@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cri.client import CriClient, container_config, pod_config
-from tests.e2e.conftest import (
+from tests.support.containerd import (
     CRI_NAMESPACE,
     IMAGE,
     RUNTIME,

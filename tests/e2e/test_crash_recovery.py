@@ -45,7 +45,7 @@ NETNS = "kc-e2e-crash"
 HOST_IF = "kce2e-c"
 HOST_IP, POD_IP = "10.251.8.1", "10.251.8.2"
 TAP = "tap0_kata"
-COLO_ROOT = "kata-colo"
+COLO_ROOT = "default"  # ctr's cgroupsPath /<namespace>/<id>: the sandbox (pod) group, sandbox_cgroup_only
 BOOTING_DELAY = 1.5  # after qemu started, well before the TCG guest's agent answers (≈ 6 s)
 
 
@@ -61,6 +61,7 @@ def observe(c: Containerd, cid: str) -> dict[str, Any]:
         "ingress qdisc": tc["ingress qdisc"],
         "filters": tc["filters"],
         "cgroups": groups_named(f"{COLO_ROOT}/{cid}"),
+        "qos cgroups": groups_named(f"{COLO_ROOT}/{cid}/vcpu-high"),
         "mounts": mounts,
         "vm dir": (state / "vm").exists(),
         "state dir": state.exists(),
@@ -122,12 +123,15 @@ POINTS: dict[str, Point] = {
     "tap made and journaled": Point(frozenset({"tap", "ingress qdisc", "filters"}),
                                     frozenset({"qemu", "vm dir"}), journal=tap_done),
     # journaled (pid 0) before the VMM started; held once it runs, before its pid is journaled
-    "qemu started": Point(frozenset({"tap", "filters", "qemu", "vm dir"}), frozenset({"cgroups"}),
+    # the pod cgroup exists before the VMM is spawned (the shim joins it first); the QoS groups
+    # inside it only after the vCPUs are placed
+    "qemu started": Point(frozenset({"tap", "filters", "qemu", "vm dir", "cgroups"}), frozenset({"qos cgroups"}),
                           journal=vm_journaled),
-    "agent not answering yet": Point(frozenset({"tap", "filters", "qemu"}), frozenset({"cgroups"}),
+    "agent not answering yet": Point(frozenset({"tap", "filters", "qemu", "cgroups"}), frozenset({"qos cgroups"}),
                                      host=qemu_started, delay=BOOTING_DELAY),
     # the QoS groups are journaled before they are made; held once the vCPUs are placed
-    "cgroups exist": Point(frozenset({"tap", "filters", "qemu", "cgroups", "mounts"}), journal=qos_placing),
+    "cgroups exist": Point(frozenset({"tap", "filters", "qemu", "cgroups", "qos cgroups", "mounts"}),
+                           journal=qos_placing),
 }
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from shim import config as cfgmod
-from tests.e2e.conftest import IMAGE, RUNTIME
 from tests.e2e.test_kata_colo_e2e import assert_nothing_left
+from tests.support.containerd import IMAGE, RUNTIME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu]
 REPO = Path(__file__).resolve().parents[2]
 STATE_ROOT = Path("/run/kata-colo/sbs")
 CID = "kc-e2e-ctl"
+HOST_GROUP = f"default/{CID}"  # ctr's cgroupsPath /<namespace>/<id>: the sandbox's pod group
 
 
 def colo_test_config() -> str:
@@ -100,32 +101,32 @@ def test_set_priority_moves_the_host_thread_and_the_guest_cpuset(pod):
     vcpus = {v["vcpu"]: v for v in doc["vcpus"]}
     assert vcpus[0]["priority"] == "high" and vcpus[1]["priority"] == "low"
     qemu, tid = doc["vmm_pid"], vcpus[1]["tid"]
-    assert thread_cgroup(qemu, tid) == f"/kata-colo/{CID}/vcpu-low"
+    assert thread_cgroup(qemu, tid) == f"/{HOST_GROUP}/vcpu-low"
     assert guest("cat", "/sys/fs/cgroup/kata-colo/prio-low/cpuset.cpus").strip() == "1"
 
     r = ctl("set-priority", CID, "1", "high")
     assert r.returncode == 0, r.stderr
     assert "vCPU 1 → high (now high:0,1)" in r.stdout
-    assert thread_cgroup(qemu, tid) == f"/kata-colo/{CID}/vcpu-high"
+    assert thread_cgroup(qemu, tid) == f"/{HOST_GROUP}/vcpu-high"
     assert guest("cat", "/sys/fs/cgroup/kata-colo/prio-high/cpuset.cpus").strip() == "0-1"
     assert json.loads(guest("cat", "/run/kata-colo/vcpu-priorities.json"))["priorities"] == {"high": [0, 1]}
     doc = status()
     assert [(v["vcpu"], v["priority"], v["cgroup"]) for v in doc["vcpus"]] == [
-        (0, "high", f"/kata-colo/{CID}/vcpu-high"), (1, "high", f"/kata-colo/{CID}/vcpu-high")]
+        (0, "high", f"/{HOST_GROUP}/vcpu-high"), (1, "high", f"/{HOST_GROUP}/vcpu-high")]
     text = ctl("status", CID).stdout
-    assert "PRIORITY" in text and f"/kata-colo/{CID}/vcpu-high" in text
+    assert "PRIORITY" in text and f"/{HOST_GROUP}/vcpu-high" in text
 
     r = ctl("set-priority", CID, "1", "urgent")
     assert r.returncode == 1 and "unknown vCPU priority 'urgent'" in r.stderr and "HTTP 400" in r.stderr
     r = ctl("set-priority", CID, "1", "low")  # and back
     assert r.returncode == 0, r.stderr
-    assert thread_cgroup(qemu, tid) == f"/kata-colo/{CID}/vcpu-low"
+    assert thread_cgroup(qemu, tid) == f"/{HOST_GROUP}/vcpu-low"
 
 
 def test_knobs_metrics_and_exec(pod):
     r = ctl("knobs", CID, "low", "cpu_shares=64")
     assert r.returncode == 0, r.stderr
-    assert Path(f"/sys/fs/cgroup/cpu/kata-colo/{CID}/vcpu-low/cpu.shares").read_text().strip() == "64"
+    assert Path(f"/sys/fs/cgroup/cpu/{HOST_GROUP}/vcpu-low/cpu.shares").read_text().strip() == "64"
     r = ctl("knobs", CID, "low", "cpu_shares=1")
     assert r.returncode == 1 and "HTTP 400" in r.stderr
     assert status()["priorities"]["low"]["in_force"]["cpu_shares"] == 64

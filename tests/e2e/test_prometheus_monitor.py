@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Containerd
 from tests.e2e.test_cri_pod import IMAGE, PAUSE_IMAGE, _remove_all, _start_pod, _wait_for_images, cri, until
+from tests.support.containerd import Containerd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow, pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("prometheus") is None, reason="apt install prometheus")]

@@ -124,7 +124,10 @@ def test_setuid_binary_from_a_container_gives_no_host_user_root(kata_containerd:
     tools = tmp_path / "tools"
     tools.mkdir()
     shutil.copy2("/usr/bin/id", tools / "id")
+    # the 9p rootfs is the path where the guest's writes land in a host directory (with the
+    # default block rootfs they land in the container's scratch disk image: see the next test)
     c.ctr("run", "-d", "--runtime", RUNTIME, "--mount", f"type=bind,src={tools},dst=/tools,options=rbind:ro",
+          "--annotation", "io.katacontainers.config.hypervisor.disable_block_device_use=true",
           IMAGE, cid, "sleep", "600")
     try:
         # container root, no guest compromise (busybox is static in the test image)
@@ -180,3 +183,22 @@ def options_of_fs(path: Path) -> set[str]:
     best = max((m for m in mountinfo() if str(path).startswith(m["mount_point"].rstrip("/") + "/")
                 or m["mount_point"] == "/"), key=lambda m: len(m["mount_point"]))
     return set(best["options"].split(","))
+
+
+def test_setuid_binary_on_the_block_rootfs_never_reaches_a_host_directory(kata_containerd: Containerd):
+    """With the default block rootfs the container's writes go to its scratch disk (an ext4 image
+    the host never mounts): the setuid file exists on no host path at all."""
+    c = kata_containerd
+    cid = "kc-sec-suid-blk"
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, cid, "sleep", "600")
+    try:
+        exec_in(c, cid, "sh", "-c", "cp /bin/busybox /evil2 && chmod 4755 /evil2 && ls -l /evil2")
+        state = STATE_ROOT / cid
+        bundle_rootfs = c.dir / "state" / "io.containerd.runtime.v2.task" / c.namespace / cid / "rootfs"
+        assert not (state / "shared" / cid / "rootfs").exists()
+        assert not (bundle_rootfs / "evil2").exists()
+        found = [p for root in (state, c.dir) for p in root.rglob("evil2")]
+        assert not found, found
+    finally:
+        remove(c, cid)
+    assert_nothing_left(c, cid)

@@ -19,7 +19,7 @@ from hypervisor.qemu.driver import QemuHypervisor
 from hypervisor.qemu.monitor import pci_path
 from shim.resources.blockdev.resource import ContainerStorage, Disk
 from shim.resources.manager import ResourceContext, ResourceManager, read_journal
-from tests.integration.test_qemu_driver import QEMU, assert_nothing_left, needs_image, needs_qemu, vm_config
+from tests.support.qemu import QEMU, assert_nothing_left, needs_image, needs_qemu, vm_config
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.root]
 

@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,21 +21,12 @@ from common.errors import ConfigError, ResourceError
 from shim.config import ColoConfig
 from shim.resources.qos import QosConfig, QosManager, detect_driver, parse_vcpu_priorities, placement
 from shim.resources.qos.driver import CgroupDriver
-from tests.support.cgroups import sweep
+from tests.support.cgroups import spawn_sleeper, sweep, tids
 
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, sched_setaffinity of other tasks)"),
 ]
-
-SLEEPER = """
-import sys, threading, time
-n = int(sys.argv[1])
-for _ in range(n - 1):
-    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
-print("ready", flush=True)
-time.sleep(600)
-"""
 
 SPINNER_C = r"""
 #define _GNU_SOURCE
@@ -61,19 +51,6 @@ int main(void) {
     return 0;
 }
 """
-
-
-def spawn_sleeper(nthreads: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, str(nthreads)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    deadline = time.monotonic() + 5
-    while len(os.listdir(f"/proc/{proc.pid}/task")) < nthreads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return proc
-
-
-def tids(pid: int) -> list[int]:
-    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
 
 
 def cgroup_of(pid: int, tid: int, controller: str) -> str:

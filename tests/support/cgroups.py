@@ -7,6 +7,9 @@ sandbox left no cgroup anywhere (not only where the QoS driver looks).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 from shim.resources.qos import QosManager
 from shim.resources.qos.driver import CgroupDriver
@@ -37,3 +40,26 @@ def sweep(driver: CgroupDriver, root: str) -> None:
     for sandbox in driver.children(root):
         QosManager.cleanup_sandbox(sandbox.rsplit("/", 1)[-1], root, driver)
     driver.remove_tree(root, "")
+
+
+SLEEPER = """
+import sys, threading, time
+n = int(sys.argv[1])
+for _ in range(n - 1):
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def spawn_sleeper(nthreads: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER, str(nthreads)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 5
+    while len(os.listdir(f"/proc/{proc.pid}/task")) < nthreads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
+def tids(pid: int) -> list[int]:
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))

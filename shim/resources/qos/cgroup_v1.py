@@ -121,7 +121,8 @@ class V1Driver(CgroupDriver):
             raise ResourceError("cpu.idle is not supported by this kernel (needs Linux 5.15+)")
         if knobs.cpu_idle is False:
             put("cpu.idle", 0)  # shares cannot be written while the group is idle
-        if knobs.shares is not None:
+        already_idle = knobs.cpu_idle is True and cgroupfs.read_value(path("cpu.idle")) == "1"
+        if knobs.shares is not None and not already_idle:  # an idle group refuses shares (EINVAL)
             put("cpu.shares", knobs.shares)
         if knobs.touches_bandwidth:
             has_burst = os.path.exists(path("cpu.cfs_burst_us"))

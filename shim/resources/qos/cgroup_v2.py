@@ -112,6 +112,9 @@ class V2Driver(CgroupDriver):
     # -- knobs -------------------------------------------------------------------------------
     def set_knobs(self, rel: str, knobs: CpuKnobs) -> None:
         writes = render_knobs(knobs, self._current_max(rel))
+        idle_file = self._path(rel, "cpu.idle")
+        if knobs.cpu_idle is True and os.path.exists(idle_file) and cgroupfs.read_value(idle_file) == "1":
+            writes = [w for w in writes if w[0] != "cpu.weight"]  # an idle group refuses a weight
         if not writes:
             return
         available = self.controllers(rel)

@@ -83,6 +83,10 @@ class CgroupDriver(ABC):
     def effective_cpus(self, rel: str) -> tuple[int, ...]:
         """Host CPUs threads in the group may run on."""
 
+    def supports_idle(self, rel: str) -> bool:
+        """Whether the kernel offers cpu.idle (upstream since Linux 5.15) for group ``rel``."""
+        return kernel_release() >= IDLE_KERNEL
+
     def remove_tree(self, rel: str, fallback: str) -> list[str]:
         """Remove ``rel`` and every group below it, deepest first, moving threads still inside
         to ``fallback``. Returns the removed paths. Idempotent."""
@@ -102,6 +106,18 @@ class CgroupDriver(ABC):
 
     def _exists_anywhere(self, rel: str) -> bool:
         return self.exists(rel)
+
+
+IDLE_KERNEL = (5, 15)
+
+
+def kernel_release(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel ("6.18.44-fc" → (6, 18))."""
+    import platform
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def parent_of(rel: str) -> str:

@@ -2,20 +2,26 @@
 
 Layout (every hierarchy the driver uses)::
 
-    <cgroup_root>/                      offline (best-effort) root, shared, knobs from [colo.root]
-      <sandbox-id>/                     the VMM process (v2: domain group, threaded root)
-        vcpu-<priority>/                vCPU threads of that priority (v2: threaded)
-        vmm/                            every other VMM thread (v2: threaded)
+    <sandbox group>/                    the VMM process (v2: domain group, threaded root)
+      vcpu-<priority>/                  vCPU threads of that priority (v2: threaded)
+      vmm/                              every other VMM thread (v2: threaded), knobs [colo.vmm]
 
-Only the sandbox subtree is owned (and removed) by the manager; the offline root is shared by
-all sandboxes and is created when missing but never removed by :meth:`cleanup`
-(:func:`remove_offline_root` removes it when empty). After a failed :meth:`place` call
-:meth:`cleanup`. After a crash, :meth:`from_state` (with :meth:`to_state` persisted in
-state.json) or the stateless :meth:`cleanup_sandbox` release the groups.
+The sandbox group is either given (``sandbox_group=``: the pod cgroup made by
+:mod:`shim.resources.podcgroup`, which also owns the offline root's knobs) — then the manager
+owns only vcpu-* and vmm — or, without one, ``<cgroup_root>/<sandbox-id>``, which the manager
+creates below the shared offline root ``<cgroup_root>`` (knobs from [colo.root]; created when
+missing, removed only when empty, :func:`remove_offline_root`).
+
+Idle scheduling: a priority with ``sched_idle``, or with ``cpu_idle`` on a kernel without
+cpu.idle (or whose offline root asks for cpu_idle there), gets SCHED_IDLE on each of its vCPU
+threads (per TID); other vCPUs are kept at SCHED_OTHER. After a failed :meth:`place` call
+:meth:`cleanup`. After a crash, :meth:`from_state` (with :meth:`to_state` persisted) or the
+stateless :meth:`cleanup_sandbox` / :meth:`cleanup_children` release the groups.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import threading
@@ -28,7 +34,7 @@ from shim.resources.qos import cgroupfs
 from shim.resources.qos.annotation import priority_map, render_guest_json
 from shim.resources.qos.detect import detect_driver
 from shim.resources.qos.driver import CgroupDriver, Location
-from shim.resources.qos.model import QosConfig, from_colo_config
+from shim.resources.qos.model import CpuKnobs, QosConfig, from_colo_config
 from shim.resources.qos.placement import AFFINITY, PlaceOp, Placer, best_placer
 
 VMM_GROUP = "vmm"
@@ -43,9 +49,12 @@ def _check_sandbox_id(sandbox_id: str) -> str:
 
 class QosManager:
     def __init__(self, sandbox_id: str, config: QosConfig | Any, driver: CgroupDriver | None = None,
-                 placer: Placer | None = None) -> None:
-        """``config`` is a QosConfig or shim.config.ColoConfig (converted and validated)."""
+                 placer: Placer | None = None, sandbox_group: str | None = None) -> None:
+        """``config`` is a QosConfig or shim.config.ColoConfig (converted and validated);
+        ``sandbox_group`` an existing group to nest in (None: ``<cgroup_root>/<id>``, owned)."""
         self.sandbox_id = _check_sandbox_id(sandbox_id)
+        self.owns_sandbox_group = sandbox_group is None
+        self._sandbox_group = sandbox_group.strip("/") if sandbox_group else ""
         self.config = (config if isinstance(config, QosConfig) else from_colo_config(config)).validate()
         self.driver = driver or detect_driver()
         self.placer = placer or best_placer()
@@ -64,7 +73,7 @@ class QosManager:
 
     @property
     def sandbox_group(self) -> str:
-        return f"{self.config.cgroup_root}/{self.sandbox_id}"
+        return self._sandbox_group or f"{self.config.cgroup_root}/{self.sandbox_id}"
 
     @property
     def vmm_group(self) -> str:
@@ -90,9 +99,13 @@ class QosManager:
         if self._origin is None:
             self._origin = self.driver.process_location(vmm_pid)
         self._vmm_pid = vmm_pid
-        self._ensure_root()
-        self._ensure(self.sandbox_group, threaded=False)
+        if self.owns_sandbox_group:
+            self._ensure_root()
+            self._ensure(self.sandbox_group, threaded=False)
+        elif not self.driver.exists(self.sandbox_group):
+            raise ResourceError(f"sandbox {self.sandbox_id}: cgroup {self.sandbox_group} does not exist")
         self._ensure(self.vmm_group, threaded=True)
+        self.driver.set_knobs(self.vmm_group, self._supported(self.vmm_group, self.config.vmm))
         for prio in sorted(set(assignment.values())):
             self._ensure_priority(prio)
         self.driver.adopt_process(self.sandbox_group, vmm_pid)
@@ -145,7 +158,7 @@ class QosManager:
             new_config = self.config.with_priority_knobs(priority, knobs)
             group = f"{self.sandbox_group}/{new_config.priority(priority).group}"
             if group in self._created:
-                self.driver.set_knobs(group, new_config.priority(priority).knobs)
+                self.driver.set_knobs(group, self._supported(group, new_config.priority(priority).knobs))
             self.config = new_config
             if self._vmm_pid is not None:
                 self._apply(include_vmm=False)
@@ -165,7 +178,7 @@ class QosManager:
     def _ensure_root(self) -> None:
         if self.driver.create(self.root_group):
             self._root_created = True
-        self.driver.set_knobs(self.root_group, self.config.root)
+        self.driver.set_knobs(self.root_group, self._supported(self.root_group, self.config.root))
 
     def _ensure(self, rel: str, threaded: bool) -> None:
         if self.driver.create(rel, threaded=threaded) and rel not in self._created:
@@ -177,7 +190,21 @@ class QosManager:
         group = self.priority_group(prio)
         if group not in self._created or not self.driver.exists(group):
             self._ensure(group, threaded=True)
-            self.driver.set_knobs(group, self.config.priority(prio).knobs)
+            self.driver.set_knobs(group, self._supported(group, self.config.priority(prio).knobs))
+
+    def _supported(self, group: str, knobs: CpuKnobs) -> CpuKnobs:
+        """``knobs`` without cpu_idle where the kernel lacks it (the vCPUs get SCHED_IDLE)."""
+        if knobs.cpu_idle is not None and not self.driver.supports_idle(group):
+            return dataclasses.replace(knobs, cpu_idle=None)
+        return knobs
+
+    def thread_idle(self, priority: str) -> bool:
+        """Whether vCPU threads of ``priority`` run SCHED_IDLE (see module docstring)."""
+        p = self.config.priority(priority)
+        if p.sched_idle:
+            return True
+        wants_group_idle = bool(p.knobs.cpu_idle) or (self.owns_sandbox_group and bool(self.config.root.cpu_idle))
+        return wants_group_idle and not self.driver.supports_idle(self.priority_group(priority))
 
     def affinity(self) -> dict[int, tuple[int, ...]]:
         """vCPU index → host CPUs: one CPU per vCPU for pinned priorities (round-robin over the
@@ -201,6 +228,10 @@ class QosManager:
             ops.extend((tid, vmm_files, None) for tid in cgroupfs.process_threads(self._vmm_pid)
                        if tid not in vcpu_tids)
         errors = []
+        for vcpu, tid in sorted(self._vcpu_threads.items()):
+            err = set_thread_idle(tid, self.thread_idle(self._assignment[vcpu]))
+            if err:
+                errors.append(f"vCPU {vcpu} thread {tid}: cannot set its scheduling policy: {os.strerror(err)}")
         for tid, where, err in self.placer(ops):
             if tid not in vcpu_tids and err == errno.ESRCH:
                 continue  # a VMM helper thread exited meanwhile
@@ -232,7 +263,8 @@ class QosManager:
             if self._vmm_pid is not None and self._origin is not None:
                 self.driver.restore_process(self._vmm_pid, self._origin)
             removed: list[str] = []
-            fallback = ""  # hierarchy root, for threads that are not ours but still inside
+            # threads that are not ours but still inside: the hierarchy root, or our given group
+            fallback = "" if self.owns_sandbox_group else self.sandbox_group
             for rel in reversed(self._created):
                 removed.extend(self.driver.remove_tree(rel, fallback))
             self._created.clear()
@@ -257,6 +289,20 @@ class QosManager:
         driver = driver or detect_driver()
         return driver.remove_tree(f"{cgroup_root}/{sandbox_id}", "")
 
+    @staticmethod
+    def cleanup_children(sandbox_group: str, driver: CgroupDriver | None = None) -> list[str]:
+        """Stateless crash cleanup for a given (not owned) sandbox group: remove every group
+        below it, moving threads still inside into the sandbox group itself."""
+        driver = driver or detect_driver()
+        group = sandbox_group.strip("/")
+        if not group:
+            raise ConfigError("refusing to clean the children of the hierarchy root")
+        removed: list[str] = []
+        if driver.exists(group):
+            for child in driver.children(group):
+                removed.extend(driver.remove_tree(child, group))
+        return removed
+
     # -- persistence -------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
         """JSON-able state for state.json (enough for :meth:`from_state` + :meth:`cleanup`)."""
@@ -265,6 +311,8 @@ class QosManager:
             "cgroup_version": self.driver.version,
             "sandbox_id": self.sandbox_id,
             "cgroup_root": self.config.cgroup_root,
+            "sandbox_group": self.sandbox_group,
+            "owns_sandbox_group": self.owns_sandbox_group,
             "created": list(self._created),
             "root_created": self._root_created,
             "vmm_pid": self._vmm_pid,
@@ -281,7 +329,9 @@ class QosManager:
         if state.get("cgroup_root") != config.cgroup_root:
             raise ResourceError(f"QoS state was written for cgroup root {state.get('cgroup_root')!r}, "
                                 f"configuration says {config.cgroup_root!r}")
-        mgr = cls(state["sandbox_id"], config, driver, placer)
+        owned = state.get("owns_sandbox_group", True)
+        mgr = cls(state["sandbox_id"], config, driver, placer,
+                  sandbox_group=None if owned else str(state.get("sandbox_group") or ""))
         if mgr.driver.version != state.get("cgroup_version"):
             raise ResourceError("QoS state was written for another cgroup version")
         mgr._created = [str(x) for x in state.get("created", [])]
@@ -291,6 +341,21 @@ class QosManager:
         mgr._vcpu_threads = {int(k): int(v) for k, v in state.get("vcpu_threads", {}).items()}
         mgr._assignment = {int(k): str(v) for k, v in state.get("assignment", {}).items()}
         return mgr
+
+
+def set_thread_idle(tid: int, idle: bool) -> int:
+    """SCHED_IDLE (``idle``) or back to SCHED_OTHER for one thread id (sched_setscheduler takes
+    a TID on Linux; the kernel runs it through the same path as sched_setattr). Returns the
+    errno, 0 on success; a thread already in the wanted class is left alone."""
+    try:
+        current = os.sched_getscheduler(tid)
+        if idle and current != os.SCHED_IDLE:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        elif not idle and current == os.SCHED_IDLE:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
 
 
 def remove_offline_root(cgroup_root: str = "kata-colo", driver: CgroupDriver | None = None) -> bool:

@@ -14,7 +14,12 @@ cfs_period_us   cpu.cfs_period_us            cpu.max
 cfs_burst_us    cpu.cfs_burst_us             cpu.max.burst (clamped to ≤ quota)
 cpuset          cpuset.cpus ("0-1,3")        cpuset.cpus
 pin             (priorities only) pin each vCPU thread to one CPU of the priority's cpuset
+sched_idle      (priorities only) SCHED_IDLE for each vCPU thread (per TID)
 =============== ============================ =========================================
+
+``cpu_idle = true`` on a kernel without cpu.idle (before 5.15) degrades, for a priority, to
+``sched_idle`` on its vCPU threads (the manager decides; see manager.py). ``[colo.vmm]`` holds
+the knobs of each sandbox's ``vmm`` group (every VMM thread that is not a vCPU).
 """
 from __future__ import annotations
 
@@ -148,6 +153,7 @@ class Priority:
     name: str
     knobs: CpuKnobs = CpuKnobs()
     pin: bool = False
+    sched_idle: bool = False
 
     @property
     def group(self) -> str:
@@ -156,7 +162,7 @@ class Priority:
     @property
     def rank(self) -> tuple[int, int, str]:
         """Sort key, lowest first: idle groups, then by weight (None = default 100)."""
-        idle = 0 if self.knobs.cpu_idle else 1
+        idle = 0 if self.knobs.cpu_idle or self.sched_idle else 1
         return (idle, self.knobs.weight or 100, self.name)
 
 
@@ -165,11 +171,13 @@ class QosConfig:
     cgroup_root: str = "kata-colo"
     root: CpuKnobs = CpuKnobs()
     priorities: Mapping[str, Priority] = field(default_factory=dict)
+    vmm: CpuKnobs = CpuKnobs()
 
     def validate(self) -> QosConfig:
         if not _CGROUP_NAME.fullmatch(self.cgroup_root) or self.cgroup_root in (".", ".."):
             raise ConfigError(f"colo.cgroup_root must be a plain cgroup name, not {self.cgroup_root!r}")
         self.root.validate("colo.root")
+        self.vmm.validate("colo.vmm")
         if not self.priorities:
             raise ConfigError("colo: no [colo.priorities.<name>] defined")
         root_cpus = set(self.root.cpus) if self.root.cpus is not None else None
@@ -202,7 +210,7 @@ class QosConfig:
     def with_priority_knobs(self, name: str, changes: Mapping[str, Any]) -> QosConfig:
         """A new config with ``changes`` (same keys as the TOML table) merged into one priority."""
         old = self.priority(name)
-        merged = {**_knobs_to_table(old.knobs), "pin": old.pin, **dict(changes)}
+        merged = {**_knobs_to_table(old.knobs), "pin": old.pin, "sched_idle": old.sched_idle, **dict(changes)}
         new = _priority_from_table(name, merged)
         return dataclasses.replace(self, priorities={**self.priorities, name: new}).validate()
 
@@ -239,23 +247,32 @@ def _knobs_from_table(raw: Mapping[str, Any], where: str, allowed: tuple[str, ..
 
 def _priority_from_table(name: str, raw: Mapping[str, Any]) -> Priority:
     where = f"colo.priorities.{name}"
-    knobs = _knobs_from_table(raw, where, _KNOB_KEYS + ("pin",))
-    pin = raw.get("pin", False)
-    if not isinstance(pin, bool):
-        raise ConfigError(f"{where}.pin must be a boolean")
-    return Priority(name=name, knobs=knobs, pin=pin)
+    knobs = _knobs_from_table(raw, where, _KNOB_KEYS + ("pin", "sched_idle"))
+    flags = {}
+    for key in ("pin", "sched_idle"):
+        value = raw.get(key, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be a boolean")
+        flags[key] = value
+    return Priority(name=name, knobs=knobs, **flags)
 
 
 def from_tables(root: Mapping[str, Any], priorities: Mapping[str, Mapping[str, Any]],
-                cgroup_root: str = "kata-colo") -> QosConfig:
-    """Build and validate a QosConfig from the raw `[colo.root]` / `[colo.priorities.*]` tables."""
+                cgroup_root: str = "kata-colo", vmm: Mapping[str, Any] | None = None) -> QosConfig:
+    """Build and validate a QosConfig from the raw `[colo.root]` / `[colo.priorities.*]` /
+    `[colo.vmm]` tables."""
     if not isinstance(priorities, Mapping):
         raise ConfigError("colo.priorities must be a table of tables")
     prios = {str(name): _priority_from_table(str(name), raw) for name, raw in priorities.items()}
     return QosConfig(cgroup_root=cgroup_root, root=_knobs_from_table(root, "colo.root", _KNOB_KEYS),
-                     priorities=prios).validate()
+                     priorities=prios, vmm=_knobs_from_table(vmm or {}, "colo.vmm", _KNOB_KEYS)).validate()
+
+
+def root_knobs(colo: Any) -> CpuKnobs:
+    """Only `[colo.root]` of shim.config.ColoConfig (no priorities needed)."""
+    return _knobs_from_table(colo.root, "colo.root", _KNOB_KEYS)
 
 
 def from_colo_config(colo: Any) -> QosConfig:
-    """From shim.config.ColoConfig (fields cgroup_root, root, priorities)."""
-    return from_tables(colo.root, colo.priorities, colo.cgroup_root)
+    """From shim.config.ColoConfig (fields cgroup_root, root, vmm, priorities)."""
+    return from_tables(colo.root, colo.priorities, colo.cgroup_root, getattr(colo, "vmm", None))

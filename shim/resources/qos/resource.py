@@ -1,10 +1,12 @@
 """Co-location QoS as a sandbox resource: vCPU threads placed in host cgroups by priority.
 
 Applies when the sandbox carries ``io.katacontainers.colo.vcpu-priorities`` (``high:2,low:2``).
-Its journal record names ``<cgroup_root>/<sandbox-id>`` before any group exists, so recovery after
-a crash at any moment removes that subtree in every hierarchy. After boot the vCPU threads are
-placed (:class:`~shim.resources.qos.manager.QosManager`) and the guest is told the mapping; the
-live-change operations the admin socket exposes are here too.
+The groups nest in the sandbox group of :mod:`shim.resources.podcgroup` (which exists before the
+VMM starts) or, with ``[colo] sandbox_cgroup_only = false``, in ``<cgroup_root>/<sandbox-id>``.
+The journal record names that group before any QoS group exists, so recovery after a crash at
+any moment removes what lies below it (and, when the QoS resource owns it, the group itself).
+After boot the vCPU threads are placed (:class:`~shim.resources.qos.manager.QosManager`) and
+the guest is told the mapping; the live-change operations the admin socket exposes are here too.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, ClassVar
 
 from common.errors import FailedPrecondition
 from shim.resources.manager import ResourceContext
+from shim.resources.podcgroup.resource import sandbox_group
 from shim.resources.qos.annotation import ANNOTATION, parse_vcpu_priorities
 from shim.resources.qos.manager import QosManager
 
@@ -21,9 +24,10 @@ from shim.resources.qos.manager import QosManager
 class QosResource:
     kind: ClassVar[str] = "qos"
 
-    def __init__(self, sandbox_id: str, colo: Any, priorities: list[str]) -> None:
+    def __init__(self, sandbox_id: str, colo: Any, priorities: list[str], sandbox_group: str | None = None) -> None:
         self.priorities = priorities
-        self.manager = QosManager(sandbox_id, colo)  # validates [colo] before anything boots
+        # validates [colo] before anything boots
+        self.manager = QosManager(sandbox_id, colo, sandbox_group=sandbox_group)
         self.placed = False
 
     @classmethod
@@ -33,10 +37,12 @@ class QosResource:
             return None
         cfg = ctx.config
         priorities = list(parse_vcpu_priorities(value, cfg.hypervisor.default_vcpus, cfg.colo.priorities.keys()))
-        return cls(ctx.sandbox_id, cfg.colo, priorities)
+        return cls(ctx.sandbox_id, cfg.colo, priorities, sandbox_group(ctx))
 
     def record(self) -> dict[str, Any]:
         return {"sandbox_id": self.manager.sandbox_id, "cgroup_root": self.manager.root_group,
+                "sandbox_group": self.manager.sandbox_group,
+                "owns_sandbox_group": self.manager.owns_sandbox_group,
                 "state": self.manager.to_state() if self.placed else None}
 
     async def before_boot(self, ctx: ResourceContext) -> None:
@@ -62,7 +68,10 @@ class QosResource:
     async def recover(cls, record: dict[str, Any]) -> None:
         sandbox_id = str(record.get("sandbox_id") or "")
         root = str(record.get("cgroup_root") or "")
-        if sandbox_id and root:
+        group = str(record.get("sandbox_group") or "")
+        if group and not record.get("owns_sandbox_group", True):
+            await asyncio.to_thread(QosManager.cleanup_children, group)
+        elif sandbox_id and root:
             await asyncio.to_thread(QosManager.cleanup_sandbox, sandbox_id, root)
 
     # -- live changes (the admin socket) -----------------------------------------------------

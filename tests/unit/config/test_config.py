@@ -95,6 +95,10 @@ def test_annotations_allowed_and_rejected():
         config.apply_annotations(cfg, {prefix + "path": "/bin/sh"})
     with pytest.raises(ConfigError, match="annotations rejected"):
         config.apply_annotations(cfg, {prefix + "default_memory": "16"})
+    ninep = config.apply_annotations(cfg, {prefix + "disable_block_device_use": "true"})
+    assert ninep.hypervisor.disable_block_device_use is True
+    with pytest.raises(ConfigError, match="true or false"):
+        config.apply_annotations(cfg, {prefix + "disable_block_device_use": "yes"})
     locked = config.parse("[hypervisor.qemu]\nenable_annotations = []\n")
     with pytest.raises(ConfigError, match="not enabled"):
         config.apply_annotations(locked, {prefix + "default_vcpus": "2"})

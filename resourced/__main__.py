@@ -1,0 +1,5 @@
+import sys
+
+from resourced.cli import main
+
+sys.exit(main())

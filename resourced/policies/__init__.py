@@ -1,0 +1,9 @@
+"""Policy registry: name (= the policy file's table) → class. One line per policy."""
+from __future__ import annotations
+
+from resourced.policies.base import Policy
+from resourced.policies.cpu import CpuPolicy
+
+REGISTRY: dict[str, type[Policy]] = {CpuPolicy.name: CpuPolicy}
+
+__all__ = ["REGISTRY", "Policy"]
