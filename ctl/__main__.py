@@ -142,7 +142,7 @@ async def cmd_mem(args: argparse.Namespace) -> int:
     ``1.5G``, bytes): resize and wait for the size reached."""
     async with await _client(args) as c:
         if args.size is None:
-            doc = await c.json("GET", "/colo/memory", timeout=max(args.timeout_s, 10.0))
+            doc = await c.json("GET", "/colo/memory?fresh=1", timeout=max(args.timeout_s, 10.0))
             text = "\n".join(render.memory_detail(doc))
         else:
             target = sizes.parse_size(args.size)

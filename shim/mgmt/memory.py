@@ -1,9 +1,11 @@
 """Memory elasticity on the management socket: the routes and the ``kata_colo_memory_*`` families.
 
-=======  ============  ==========================================================================
-GET      /colo/memory  the memory state, limits from the guest's memory asked now (bounded)
-PUT      /colo/memory  ``{"target": bytes}`` (or a size string, ``"1536M"``) → the size reached
-=======  ============  ==========================================================================
+=======  ==================  ====================================================================
+GET      /colo/memory        the memory state from the VMM and the last guest numbers (the guest
+                             is not asked: the node policy polls this), with ``vmm_pid``
+GET      /colo/memory?fresh  the same with the limits from the guest's memory asked now (bounded)
+PUT      /colo/memory        ``{"target": bytes}`` (or a size string, ``"1536M"``) → the size reached
+=======  ==================  ====================================================================
 
 PUT answers 200 ``{"target_bytes", "actual_bytes", "floor_bytes", "max_bytes", "seconds",
 "mechanisms", "steps", "timed_out": false}``; a target under the floor or over the maximum 400
@@ -53,10 +55,15 @@ class MemoryRoutes:
 
     async def get_memory(self, request: web.Request) -> web.StreamResponse:
         sb = self._running()
+        fresh = request.query.get("fresh", "0").lower() not in ("0", "false", "no", "")
         try:
-            doc = await asyncio.wait_for(sb.memory_limits(), VIEW_TIMEOUT + 5.0)
+            if fresh:
+                doc = await asyncio.wait_for(sb.memory_limits(), VIEW_TIMEOUT + 5.0)
+            else:
+                doc = await asyncio.wait_for(sb.memory_view(), VIEW_TIMEOUT)
         except TimeoutError:
-            raise DeadlineExceeded("memory: no answer from the VM within 7s") from None
+            raise DeadlineExceeded("memory: no answer from the VM in time") from None
+        doc["vmm_pid"] = sb.vmm_pid()
         return web.json_response(doc)
 
     async def put_memory(self, request: web.Request) -> web.StreamResponse:

@@ -252,6 +252,11 @@ class Sandbox:
         finally:
             self.resources.persist()
 
+    async def memory_view(self) -> dict[str, Any]:
+        """The memory state from the VMM and the last guest numbers (the guest is not asked)."""
+        doc: dict[str, Any] = await self._require_memory().view()
+        return doc
+
     async def memory_limits(self) -> dict[str, Any]:
         """The memory state with limits computed from the guest's memory asked now."""
         self.require_agent()

@@ -286,8 +286,7 @@ class MemoryResource:
             "max_bytes": lim.max, "usable_bytes": info.usable, "actual_bytes": info.usable,
             "target_bytes": self.target, "floor_bytes": lim.floor, "block_bytes": info.block,
             "mechanisms": list(self.mechanisms()), "resizing_to": self.in_progress,
-            "guest": {"available_bytes": available, "source": source,
-                      "used_bytes": lim.used, **({k: v for k, v in self.guest.items()} if self.guest else {})},
+            "guest": {**self.guest, "available_bytes": available, "source": source, "used_bytes": lim.used},
             "resizes": dict(self.counts), "last": self.last.to_dict() if self.last else None,
             "last_error": self.last_error or None}
         if balloon is not None:

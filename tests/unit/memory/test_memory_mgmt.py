@@ -48,6 +48,7 @@ class MemSandbox(FakeSandbox):
 
     set_memory = Sandbox.set_memory
     memory_limits = Sandbox.memory_limits
+    memory_view = Sandbox.memory_view
     _require_memory = Sandbox._require_memory
 
     def __init__(self, hv: SimHv, res: MemoryResource, resize_timeout: float) -> None:
@@ -126,15 +127,19 @@ async def test_a_guest_that_does_not_follow_is_503_with_the_size_reached(
 async def test_get_memory_metrics_and_sandbox_view(served: tuple[MgmtServer, SimHv, MemoryResource]) -> None:
     server, hv, res = served
     await call(server, "PUT", "/colo/memory", {"target": 800 * MIB})
-    status, doc = await call(server, "GET", "/colo/memory")
+    status, doc = await call(server, "GET", "/colo/memory?fresh=1")
     assert status == 200 and doc["target_bytes"] == 800 * MIB and doc["floor_bytes"] == 256 * MIB
     assert doc["guest"]["source"] == "agent" and doc["guest"]["used_bytes"] == 100 * MIB
+    assert doc["vmm_pid"] == os.getpid()
     status, text = await call(server, "GET", "/metrics")
     assert 'kata_colo_memory_bytes{item="target"} 838860800' in text
     assert 'kata_colo_memory_bytes{item="floor"} 268435456' in text
     assert 'kata_colo_memory_resizes_total{result="ok"} 1' in text
     assert "kata_colo_memory_last_resize_seconds " in text
     assert 'kata_colo_vm_memory_bytes{item="plugged"} 301989888' in text
+    hv.stats = {"stat-available-memory": 600 * MIB}
+    status, doc = await call(server, "GET", "/colo/memory")  # not asking the guest: balloon statistics
+    assert status == 200 and doc["guest"]["source"] == "balloon" and doc["guest"]["available_bytes"] == 600 * MIB
 
 
 async def test_no_memory_control_is_409(tmp_path: Path) -> None:
