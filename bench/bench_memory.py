@@ -7,10 +7,13 @@ handle the management socket and the node policy use.
 2. Free page reporting: the guest writes ``KC_BENCH_FREE_MIB`` MiB (default 300) to a tmpfs, then
    deletes it; host RSS of QEMU returned ÷ guest memory freed, with reclaim_guest_freed_memory
    on (goal ≥ 0.9) and, as the baseline, off (the host keeps the pages).
-3. Policy reaction time: a host memory hog below the low watermark → the node policy
-   (kata-colo-resourced, ``resourced.policies.memory``) shrinks the offline VM: seconds from the
-   hog's allocation to the shrink reaching the VM, and back after the hog exits; baseline: the
-   policy's own sampling interval. Skipped (said so) when the policy is not installed.
+3. Policy reaction time: kata-colo-resourced (``resourced.policies.memory``) with a 1 GiB offline
+   VM run by containerd and watermarks relative to the host's MemAvailable now; a 2 GiB host
+   memory hog (its own memory cgroup) takes the node under the low watermark: seconds from
+   MemAvailable crossing the watermark to the VM having shrunk by one 256 MiB step, and from the
+   hog's exit (MemAvailable over the high watermark) to the VM back at 1 GiB. Baseline: the same
+   step by a direct PUT /colo/memory in the same VM (what the policy issues); the difference is
+   the policy's detection (the node sampled every 200 ms, the shims every 250 ms).
 
 Run under the VM lock: ``flock /work/.vm.lock python -m bench memory``.
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 from tests.integration.memory_vm import MIB, guest_sh, qemu_rss, running_sandbox, write_config
+from tests.support import memory_policy as mp
 
 FREE_MIB = int(os.environ.get("KC_BENCH_FREE_MIB", "300"))
 RECLAIM_MIB = 256
@@ -81,12 +85,46 @@ async def amain() -> None:
     off = await rss_returned(False)
     print(f"free page reporting: host RSS returned / guest memory freed ({FREE_MIB} MiB) = {on:.2f} "
           f"(goal >= 0.9); without reporting (baseline) {off:.2f}")
-    try:
-        from bench import bench_memory_policy
-    except ImportError:
-        print("policy reaction time: skipped (resourced.policies.memory not on this branch yet)")
-        return
-    await bench_memory_policy.reaction()
+    await asyncio.to_thread(policy_reaction)
+
+
+def policy_reaction() -> None:
+    """Section 3 (blocking: containerd, ctr, the daemon as a process)."""
+    hog_size = 2 << 30
+    step = 256 * MIB
+    with mp.offline_vm(1024) as vm, tempfile.TemporaryDirectory() as d:
+        direct_shrink = vm.resize(1024 * MIB - step)
+        direct_grow = vm.resize(1024 * MIB)
+        total, available = mp.meminfo()
+        if available < hog_size + (2 << 30):
+            print(f"policy reaction time: skipped (only {available // MIB} MiB available)")
+            return
+        low, high = mp.watermarks(total, available, hog_size)
+        policy = Path(d) / "resourced.toml"
+        policy.write_text(mp.policy_text(vm.root, low, high, min_mib=1024 - step // MIB))
+        hog = mp.Hog(hog_size)
+        daemon = mp.Resourced(policy, vm.conf, Path(d) / "resourced.log")
+        try:
+            time.sleep(2)
+            assert vm.memory() == (1024 * MIB, 1024 * MIB), daemon.text()
+            hog.start()
+            crossed = mp.wait_for(lambda: mp.meminfo()[1] < total * low / 100, 5, 0.01)
+            assert crossed is not None, "the hog did not take the node under the low watermark"
+            shrink = mp.wait_for(lambda: vm.memory()[1] <= 1024 * MIB - step, 30, 0.02)
+            assert shrink is not None, daemon.text()
+            time.sleep(1.5)  # past the policy's 1 s cooldown: the grow is not held by it
+            hog.stop()
+            relieved = mp.wait_for(lambda: mp.meminfo()[1] > total * high / 100, 5, 0.01)
+            assert relieved is not None, "the node did not get over the high watermark"
+            grow = mp.wait_for(lambda: vm.memory() == (1024 * MIB, 1024 * MIB), 30, 0.02)
+            assert grow is not None, daemon.text()
+        finally:
+            hog.stop()
+            rc = daemon.stop()
+        assert rc == 0, daemon.text()
+    print(f"policy reaction: pressure on → {step // MIB} MiB given back {shrink:.2f}s (direct PUT baseline "
+          f"{direct_shrink:.2f}s, detection {shrink - direct_shrink:+.2f}s); pressure off → grown back "
+          f"{grow:.2f}s (direct PUT baseline {direct_grow:.2f}s, detection {grow - direct_grow:+.2f}s)")
 
 
 def main() -> None:

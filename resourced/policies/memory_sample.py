@@ -125,6 +125,8 @@ def _int(doc: Any, key: str, lo: int = 0) -> int:
 
 def to_sandbox(sid: str, doc: Any, offline: bool, seen_at: float) -> SandboxMemory:
     """A GET /colo/memory document → SandboxMemory (ValueError when malformed)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"not a JSON object: {str(doc)[:40]}")
     target, actual, floor = _int(doc, "target_bytes", 1), _int(doc, "actual_bytes"), _int(doc, "floor_bytes")
     maximum = _int(doc, "max_bytes", 1)
     guest = doc.get("guest") if isinstance(doc.get("guest"), dict) else {}
@@ -170,8 +172,9 @@ class SandboxPoller:
                 errors[sid] = str(doc)
                 continue
             try:
-                found[sid] = to_sandbox(sid, doc, self.is_offline(doc.get("vmm_pid")), time.monotonic())
-            except (ValueError, AttributeError) as exc:
+                offline = self.is_offline(doc.get("vmm_pid") if isinstance(doc, dict) else None)
+                found[sid] = to_sandbox(sid, doc, offline, time.monotonic())
+            except ValueError as exc:
                 errors[sid] = f"malformed memory document: {exc}"
         for sid, why in errors.items():
             if self.errors.get(sid) != why:

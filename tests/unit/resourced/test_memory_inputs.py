@@ -90,7 +90,7 @@ def test_shim_documents_are_checked_and_capped():
     assert to_sandbox("a", doc(guest={"available_bytes": -5}), True, 0).guest_available is None
     assert to_sandbox("a", doc(guest={"available_bytes": 1 << 62}), True, 0).guest_available is None
     assert to_sandbox("a", doc(floor_bytes=3 * GIB), True, 0).floor == 2 * GIB  # never above the maximum
-    for bad in (doc(target_bytes="1G"), doc(target_bytes=0), doc(max_bytes=True), doc(actual_bytes=1 << 55),
+    for bad in ([1, 2], doc(target_bytes="1G"), doc(target_bytes=0), doc(max_bytes=True), doc(actual_bytes=1 << 55),
                 {"target_bytes": GIB}):
         with pytest.raises(ValueError):
             to_sandbox("a", bad, True, 0)
@@ -158,3 +158,36 @@ async def test_resize_outcomes(shims):
     puts.clear()
     out = await resize(str(root), ResizeMemory("r", "ok", 512 * MIB), dry_run=True)
     assert out.result == "dry_run" and "would resize ok to 512 MiB" in out.message and puts == []
+
+
+def memory_daemon(root: Path, dry_run: bool) -> Any:
+    from types import SimpleNamespace
+
+    from resourced.daemon import Daemon, DaemonConfig
+    from resourced.policies.memory import MemoryPolicy
+    from resourced.policies.memory_config import MemoryConfig
+
+    policy = MemoryPolicy(MemoryConfig(state_root=str(root)))
+    driver = SimpleNamespace(version=1, mountpoints={c: str(root / "cg") for c in ("cpu", "cpuacct", "cpuset")})
+    return Daemon(DaemonConfig(policies={"memory": policy}), dry_run=dry_run, driver=driver), policy  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_daemon_runs_a_resize_and_reports_it_to_the_policy(shims, dry_run):
+    root, add, puts = shims
+    await add("sb1", doc(), (200, {"target_bytes": 768 * MIB, "actual_bytes": 768 * MIB, "seconds": 0.1}))
+    d, policy = memory_daemon(root, dry_run)
+    assert d.poller is not None
+    await d.poller.refresh()
+    mem = d._memory_sample(1.0)
+    assert mem is not None and [s.id for s in mem.sandboxes] == ["sb1"] and mem.host.total > 0
+    policy.state.asked["sb1"] = 768 * MIB
+    policy.state.inflight.add("sb1")
+    await d._resize("memory", ResizeMemory("test", "sb1", 768 * MIB))
+    result = "dry_run" if dry_run else "ok"
+    assert d.metrics.registry.get_sample_value("kata_colo_resourced_memory_resizes_total", {"result": result}) == 1
+    assert puts == ([] if dry_run else [("sb1", {"target": 768 * MIB})])
+    assert "sb1" not in policy.state.inflight and "sb1" in policy.state.changed_at
+    d.metrics.set_sandbox_memory({"sb1": {"target": 1.0}})
+    assert d.metrics.registry.get_sample_value("kata_colo_resourced_memory_sandbox_bytes",
+                                               {"sandbox": "sb1", "item": "target"}) == 1.0
