@@ -129,8 +129,8 @@ def to_sandbox(sid: str, doc: Any, offline: bool, seen_at: float) -> SandboxMemo
         raise ValueError(f"not a JSON object: {str(doc)[:40]}")
     target, actual, floor = _int(doc, "target_bytes", 1), _int(doc, "actual_bytes"), _int(doc, "floor_bytes")
     maximum = _int(doc, "max_bytes", 1)
-    guest = doc.get("guest") if isinstance(doc.get("guest"), dict) else {}
-    available = guest.get("available_bytes")
+    guest = doc.get("guest")
+    available = guest.get("available_bytes") if isinstance(guest, dict) else None
     ok = isinstance(available, int) and not isinstance(available, bool) and 0 <= available <= MAX_BYTES
     return SandboxMemory(sid, target, actual, min(floor, maximum), maximum, available if ok else None,
                          doc.get("resizing_to") is not None, offline, seen_at)
