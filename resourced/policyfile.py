@@ -5,6 +5,7 @@ Layout::
     [daemon]            interval_ms, listen ("127.0.0.1:9301"; "" = no HTTP), cri_endpoint
     [tiers]             online = [...], offline = [...]  (default: the shim configuration's [colo])
     [cpu] ...           the CPU policy (resourced.policies.cpu)
+    [memory] ...        the memory policy (resourced.policies.memory_config; [[memory.window]])
     [<other policy>]    each registered policy owns the table of its name
 
 tomllib reports syntax errors with a line; a semantic error (a bad value) names a key path, and
