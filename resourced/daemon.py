@@ -33,12 +33,11 @@ from resourced.metrics import Metrics
 from resourced.policies import REGISTRY, Policy
 from resourced.policies.base import Action, EvictPod, NodeSample
 from resourced.policies.memory import MemoryPolicy, MemorySample, ResizeMemory
-from resourced.policies.memory_sample import SandboxPoller, read_cgroup_node, read_host
+from resourced.policies.memory_sample import SandboxPoller, memory_mount, read_cgroup_node, read_host
 from resourced.policyfile import Table, parse
 from resourced.resize import resize
 from resourced.sampler import CpuSampler, online_limits
 from resourced.tiers import Tiers
-from shim.resources.qos import cgroupfs
 from shim.resources.qos.detect import detect_driver
 from shim.resources.qos.driver import CgroupDriver
 
@@ -132,11 +131,10 @@ class Daemon:
             host = read_host()
             node = self.memory.config.node_cgroup
             if node:
-                if self.driver.version == 1:
-                    base = cgroupfs.v1_mountpoints(cgroupfs.cgroup_mounts()).get("memory", "")
-                else:
-                    base = self.driver.mountpoint  # type: ignore[attr-defined]
-                host = read_cgroup_node(os.path.join(base, node), self.driver.version, host)
+                found = memory_mount()
+                if found is None:
+                    raise KataColoError("[memory] node_cgroup is set but no memory cgroup controller is mounted")
+                host = read_cgroup_node(os.path.join(found[0], node), found[1], host)
         except (KataColoError, OSError, ValueError) as exc:
             self.metrics.errors.labels("memory", "sample").inc()
             log.warning("memory: cannot read the node's memory: %s", exc)

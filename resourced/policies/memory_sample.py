@@ -24,6 +24,7 @@ from common.errors import KataColoError
 from resourced.policies.memory import HostMemory, SandboxMemory
 from shim.mgmt import client
 from shim.resources.podcgroup import path as cgpath
+from shim.resources.qos import cgroupfs
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,19 @@ def read_cgroup_node(group_dir: str, version: int, host: HostMemory) -> HostMemo
     if version == 2:
         some, full = parse_psi(_read(os.path.join(group_dir, "memory.pressure")) or "")
     return HostMemory(total, max(0, min(total, total - used)), some, full, group_dir)
+
+
+def memory_mount(mounts_file: str = cgroupfs.MOUNTS) -> tuple[str, int] | None:
+    """(mount point, cgroup version) of the memory controller: the v1 ``memory`` hierarchy, else
+    the unified one when it has the memory controller; None without either."""
+    mounts = cgroupfs.cgroup_mounts(mounts_file)
+    for m in mounts:
+        if m.fstype == "cgroup" and "memory" in m.options:
+            return m.path, 1
+    for m in mounts:
+        if m.fstype == "cgroup2" and "memory" in (_read(os.path.join(m.path, "cgroup.controllers")) or "").split():
+            return m.path, 2
+    return None
 
 
 def vmm_cgroup(pid: int, version: int) -> str | None:

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from resourced.policies.memory_sample import memory_mount
 from shim.mgmt import client
-from shim.resources.qos import cgroupfs, detect_driver
+from shim.resources.qos import detect_driver
 from tests.support import image
 from tests.support.containerd import (
     IMAGE,
@@ -51,11 +52,8 @@ def meminfo() -> tuple[int, int]:
 
 
 def memory_cgroup_root() -> Path | None:
-    mp = cgroupfs.v1_mountpoints(cgroupfs.cgroup_mounts()).get("memory")
-    if mp:
-        return Path(mp)
-    unified = Path("/sys/fs/cgroup/cgroup.controllers")
-    return unified.parent if unified.exists() and "memory" in unified.read_text().split() else None
+    found = memory_mount()
+    return Path(found[0]) if found else None
 
 
 class Hog:

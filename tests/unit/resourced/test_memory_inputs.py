@@ -191,3 +191,16 @@ async def test_daemon_runs_a_resize_and_reports_it_to_the_policy(shims, dry_run)
     d.metrics.set_sandbox_memory({"sb1": {"target": 1.0}})
     assert d.metrics.registry.get_sample_value("kata_colo_resourced_memory_sandbox_bytes",
                                                {"sandbox": "sb1", "item": "target"}) == 1.0
+
+
+def test_memory_mount(tmp_path):
+    from resourced.policies.memory_sample import memory_mount
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup /x/memory cgroup rw,relatime,memory 0 0\n"
+                      f"cgroup2 {tmp_path} cgroup2 rw 0 0\n")
+    assert memory_mount(str(mounts)) == ("/x/memory", 1)
+    mounts.write_text(f"cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 {tmp_path} cgroup2 rw 0 0\n")
+    assert memory_mount(str(mounts)) is None  # a unified hierarchy without the memory controller
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    assert memory_mount(str(mounts)) == (str(tmp_path), 2)
