@@ -6,10 +6,10 @@ right now, and a synthetic host memory pressure: a process in its own host memor
 
 The pressure takes MemAvailable 1 GiB under the low watermark; the daemon shrinks the VM (256 MiB
 steps, down to the policy's 512 MiB minimum) within a few seconds. Once the process exits the
-node is above the high watermark again and the VM grows back to its 1 GiB. The watermarks keep a
-500 MiB margin on each side, so other work on the host moving a few hundred MiB does not change
-the outcome; the VM giving its memory back does not either (at most 512 MiB). The allocating
-process and its cgroup are removed whatever happens.
+node is 768 MiB above the high watermark again and the VM grows back to its 1 GiB. The
+watermarks keep a 512 MiB margin on each side (the VM giving back at most 512 MiB; a growth step
+of 256 MiB must fit over the high watermark), so other work on the host moving a few hundred MiB
+does not change the outcome. The allocating process and its cgroup are removed whatever happens.
 """
 from __future__ import annotations
 

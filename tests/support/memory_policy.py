@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from resourced.policies.memory_sample import memory_mount
 from shim.mgmt import client
@@ -67,14 +68,19 @@ class Hog:
         self.size = size
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        """Returns once the memory is allocated and touched."""
+    def start(self, wait: bool = True) -> None:
+        """Returns once the memory is allocated and touched (``wait=False``: at once; then
+        :meth:`wait_ready`)."""
         self.group.mkdir()
         procs = self.group / "cgroup.procs"
         code = "import sys, time\nb = b'\\x01' * int(sys.argv[1])\nprint('ready', flush=True)\ntime.sleep(600)\n"
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.size)], stdout=subprocess.PIPE,
                                      preexec_fn=lambda: procs.write_text(str(os.getpid())))
-        assert self.proc.stdout is not None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("the memory hog died before allocating")
 
@@ -103,13 +109,22 @@ class OfflineVm:
     conf: Path         # the shim configuration (kata-colo-resourced --kata-config)
     name: str          # container = sandbox id
 
-    def memory(self) -> tuple[int, int]:
-        """(target, actual) bytes from the shim's cheap GET /colo/memory."""
-        async def go() -> tuple[int, int]:
+    def view(self) -> dict[str, Any]:
+        """The shim's cheap GET /colo/memory."""
+        async def go() -> dict[str, Any]:
             async with client.ShimClient(client.socket_of(self.name, STATE_ROOT), timeout=5) as c:
-                doc = await c.json("GET", "/colo/memory")
-                return int(doc["target_bytes"]), int(doc["actual_bytes"])
+                doc: dict[str, Any] = await c.json("GET", "/colo/memory")
+                return doc
         return asyncio.run(go())
+
+    def memory(self) -> tuple[int, int]:
+        """(target, actual) bytes."""
+        doc = self.view()
+        return int(doc["target_bytes"]), int(doc["actual_bytes"])
+
+    def resizing(self) -> bool:
+        """A resize (the policy's PUT) is under way."""
+        return self.view().get("resizing_to") is not None
 
     def resize(self, target: int) -> float:
         """PUT /colo/memory directly (what the policy does): seconds until the size is reached."""
@@ -164,9 +179,11 @@ def offline_vm(memory_mib: int = 1024) -> Iterator[OfflineVm]:
 
 
 def watermarks(total: int, available: int, hog: int) -> tuple[float, float]:
-    """(low %, high %): low ``hog``/2 under what is available now, high ``hog``/4 under it — a
-    ``hog`` takes the node ``hog``/2 under the low watermark, its end puts it ``hog``/4 over the high."""
-    return 100.0 * (available - hog // 2) / total, 100.0 * (available - hog // 4) / total
+    """(low %, high %): low ``hog``/2 under what is available now, high 3/8 ``hog`` under it. A
+    ``hog`` takes the node ``hog``/2 under the low watermark (the VM giving back up to ``hog``/4
+    leaves a ``hog``/4 margin); its end puts the node 3/8 ``hog`` over the high one, room for a
+    growth step (the policy grows only when the step fits over the high watermark) with margin."""
+    return 100.0 * (available - hog // 2) / total, 100.0 * (available - 3 * hog // 8) / total
 
 
 def policy_text(root: str, low: float, high: float, *, step_mib: int = 256, min_mib: int = 512,
