@@ -156,7 +156,14 @@ async def test_cleanup_from_state_dir_only_kills_leftover_qemu(tmp_path):
 async def test_bad_kernel_raises_and_leaves_nothing(tmp_path, kind):
     kernel = tmp_path / "vmlinux"
     if kind == "garbage":
-        kernel.write_bytes(os.urandom(8192))
+        # Random bytes, except the setup-sectors byte (0x1f1): QEMU's x86 loader
+        # accepts a headerless image as a real-mode kernel when (setup_sects + 1)
+        # * 512 fits in the file, i.e. for 1 random byte in 16.  0xff makes the
+        # setup area larger than the file, so QEMU always rejects the header.
+        garbage = bytearray(os.urandom(8192))
+        garbage[0x1F1] = 0xFF
+        garbage[0x202:0x206] = b"\0\0\0\0"  # no "HdrS" boot-protocol magic
+        kernel.write_bytes(bytes(garbage))
     cfg = vm_config(tmp_path, kernel=str(kernel), initrd="")
     hv = QemuHypervisor()
     await hv.prepare(cfg)
