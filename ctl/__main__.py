@@ -6,6 +6,7 @@
     kata-colo-ctl set-priority <id> <vcpu> <priority>
     kata-colo-ctl knobs <id> <priority> key=value...
     kata-colo-ctl exec <id> [--timeout S] -- <cmd>...
+    kata-colo-ctl mem <id> [<size>] [--json]
     kata-colo-ctl env [--json]
 
 ``<id>`` may be any unique prefix of a sandbox id (as kata-ctl). Exit status: 0 ok, 1 the
@@ -25,11 +26,12 @@ from typing import Any
 from common.errors import KataColoError
 from common.version import VERSION
 from ctl import render
-from shim.mgmt import client
+from shim.mgmt import client, sizes
 from shim.persist import STATE_ROOT
 
 MAX_STDIN = 1 << 20
 EXEC_TIMEOUT = 30
+MEM_TIMEOUT = 3600.0  # the shim bounds a resize itself ([colo.memory] resize_timeout)
 
 
 def _value(text: str) -> Any:
@@ -135,6 +137,36 @@ async def cmd_exec(args: argparse.Namespace) -> int:
     return int(doc["exit_code"])
 
 
+async def cmd_mem(args: argparse.Namespace) -> int:
+    """Without a size: the memory state (limits from the guest now). With one (``1536M``,
+    ``1.5G``, bytes): resize and wait for the size reached."""
+    async with await _client(args) as c:
+        if args.size is None:
+            doc = await c.json("GET", "/colo/memory?fresh=1", timeout=max(args.timeout_s, 10.0))
+            text = "\n".join(render.memory_detail(doc))
+        else:
+            target = sizes.parse_size(args.size)
+            try:
+                doc = await c.json("PUT", "/colo/memory", {"target": target}, timeout=max(args.timeout_s, MEM_TIMEOUT))
+            except client.ShimError as exc:
+                if exc.status in (400, 503) and exc.body:
+                    raise SystemExit(_mem_refusal(exc)) from None
+                raise
+            text = render.resized(doc)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(text)
+    return 0
+
+
+def _mem_refusal(exc: client.ShimError) -> str:
+    body = exc.body or {}
+    limits = ", ".join(f"{k.removesuffix('_bytes')} {sizes.format_size(v)}" for k, v in sorted(body.items())
+                       if k.endswith("_bytes") and isinstance(v, int))
+    return f"kata-colo-ctl: mem: {exc.reason} (HTTP {exc.status}{'; ' + limits if limits else ''})"
+
+
 async def cmd_env(args: argparse.Namespace) -> int:
     from shim import config
 
@@ -198,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", dest="exec_timeout", type=int, default=EXEC_TIMEOUT,
                     help="seconds before the command is killed (default 30, at most 300)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
+    sp = cmd("mem", cmd_mem, "show the VM's memory, or resize it live to <size> (1536M, 1.5G, bytes)",
+             json_flag=True)
+    sp.add_argument("size", nargs="?", help="the new size; omitted: show the memory state")
     cmd("env", cmd_env, "versions, configuration and paths", with_id=False, json_flag=True)
     return p
 

@@ -24,7 +24,42 @@ def memory(doc: dict[str, Any]) -> str:
     if not mem:
         return "-"
     usable, boot = mem.get("usable_bytes", 0), mem.get("boot_bytes", 0)
-    return f"{usable // MIB}MiB" if usable == boot else f"{usable // MIB}/{boot // MIB}MiB"
+    text = f"{usable // MIB}MiB" if usable == boot else f"{usable // MIB}/{boot // MIB}MiB"
+    target = mem.get("target_bytes")
+    if isinstance(target, int) and target and target != usable:
+        text += f"→{target // MIB}"
+    return text
+
+
+def _mib(value: Any) -> str:
+    return f"{int(value) // MIB} MiB" if isinstance(value, int) else "-"
+
+
+def memory_detail(mem: dict[str, Any]) -> list[str]:
+    """The lines of ``kata-colo-ctl mem <id>`` (and the memory part of ``status``)."""
+    guest = mem.get("guest") or {}
+    out = [f"Memory:     {_mib(mem.get('actual_bytes', mem.get('usable_bytes')))} "
+           f"(target {_mib(mem.get('target_bytes'))}, floor {_mib(mem.get('floor_bytes'))}, "
+           f"max {_mib(mem.get('max_bytes'))}; {', '.join(mem.get('mechanisms') or []) or 'no mechanism'})",
+           f"  VM:       boot {_mib(mem.get('boot_bytes'))} + plugged {_mib(mem.get('plugged_bytes'))} "
+           f"- ballooned {_mib(mem.get('ballooned_bytes'))}",
+           f"  Guest:    available {_mib(guest.get('available_bytes'))}, used {_mib(guest.get('used_bytes'))} "
+           f"({guest.get('source') or '-'})"]
+    last = mem.get("last")
+    if isinstance(last, dict):
+        out.append(f"  Last:     {_mib(last.get('target_bytes'))} → {_mib(last.get('actual_bytes'))} in "
+                   f"{last.get('seconds')}s{' (timed out)' if last.get('timed_out') else ''}: "
+                   f"{'; '.join(last.get('steps') or []) or 'nothing to do'}")
+    if mem.get("last_error"):
+        out.append(f"  Error:    {mem['last_error']}")
+    return out
+
+
+def resized(doc: dict[str, Any]) -> str:
+    """The answer of ``kata-colo-ctl mem <id> <size>``."""
+    return (f"memory: {_mib(doc.get('actual_bytes'))} reached (target {_mib(doc.get('target_bytes'))}, "
+            f"floor {_mib(doc.get('floor_bytes'))}, max {_mib(doc.get('max_bytes'))}) in {doc.get('seconds')}s"
+            f"{': ' + '; '.join(doc['steps']) if doc.get('steps') else ''}")
 
 
 def vcpus(doc: dict[str, Any]) -> str:
@@ -62,8 +97,9 @@ def status(doc: dict[str, Any]) -> str:
            f"Shim PID:   {doc.get('shim_pid')}",
            f"VMM PID:    {doc.get('vmm_pid') or '-'} ({doc.get('hypervisor') or '-'})",
            f"Agent:      {doc.get('agent_url') or '-'}",
-           f"Uptime:     {duration(doc.get('uptime_seconds'))}",
-           f"Memory:     {memory(doc)}"]
+           f"Uptime:     {duration(doc.get('uptime_seconds'))}"]
+    mem = doc.get("memory")
+    out += memory_detail(mem) if isinstance(mem, dict) and "target_bytes" in mem else [f"Memory:     {memory(doc)}"]
     containers = doc.get("containers") or []
     out.append(f"Containers: {len(containers)}")
     for c in containers:

@@ -214,12 +214,14 @@ class BalloonInfo:
 @dataclass(frozen=True)
 class MemoryInfo:
     """The VM's memory as the VMM sees it, in bytes: ``boot`` + ``plugged`` (virtio-mem/DIMMs)
-    is what the guest may use unless the balloon holds ``ballooned`` of it."""
+    is what the guest may use unless the balloon holds ``ballooned`` of it. ``max`` is boot +
+    everything that can be plugged; ``block`` the hot(un)plug granularity (0 = no hotplug)."""
 
     boot: int
     plugged: int = 0
     ballooned: int = 0
     max: int = 0
+    block: int = 0
 
     @property
     def usable(self) -> int:
@@ -283,15 +285,22 @@ class DeviceHotplug(Protocol):
 
 @runtime_checkable
 class MemoryControl(Protocol):
+    """Guest memory at run time. Mechanisms: ``virtio-mem`` (hotplug both ways), ``dimm``
+    (hotplug, grow), ``balloon`` (the guest gives RAM back; absent while it could not return
+    anything to the host, e.g. with VFIO attached)."""
+
     def memory_mechanisms(self) -> tuple[str, ...]: ...
 
     async def memory_info(self) -> MemoryInfo: ...
 
-    async def resize_memory(self, target_mib: int) -> int:
-        """Hot(un)plug memory towards ``target_mib``; returns the resulting size in MiB."""
+    async def resize_memory(self, target_mib: int, timeout: float = 30.0) -> int:
+        """Hot(un)plug memory towards ``target_mib`` (boot..max, rounded to the block); returns
+        the resulting size in MiB. DeadlineExceeded when the guest did not complete within
+        ``timeout`` (the request is withdrawn to what it reached; the VM keeps running)."""
 
     async def balloon(self, target_bytes: int) -> None:
-        """Ask the guest to shrink/grow its usable RAM to ``target_bytes``."""
+        """Ask the guest to shrink/grow its usable RAM to ``target_bytes`` (returns at once:
+        :meth:`balloon_info` shows how far the guest got)."""
 
     async def balloon_info(self) -> BalloonInfo: ...
 

@@ -1,6 +1,12 @@
 """The daemon: load the policy file, detect kernel features, then one loop — every
 ``interval_ms`` sample the node, let each policy decide, apply (or log, ``--dry-run``), export.
 
+Cgroup writes are applied in the loop; evictions (CRI) and memory resizes (PUT /colo/memory on a
+shim) run as background tasks whose outcome is logged, counted and, for resizes, reported back to
+the memory policy (:meth:`MemoryPolicy.resized`). With the memory policy on, the sandboxes' memory
+views are refreshed in the background every ``[memory] sample_interval_ms``; the node's memory
+(/proc/meminfo, PSI) is read every sample.
+
 Start-up fails (PolicyError with file:line) on an invalid policy file, before touching any
 cgroup. On SIGTERM/SIGINT every policy's release actions run (offline limits given back) and
 the daemon exits 0. A failing action is logged and counted, never fatal: the next sample
@@ -9,7 +15,9 @@ decides again from what it reads.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -24,7 +32,10 @@ from resourced.actuator import Actuator
 from resourced.metrics import Metrics
 from resourced.policies import REGISTRY, Policy
 from resourced.policies.base import Action, EvictPod, NodeSample
+from resourced.policies.memory import MemoryPolicy, MemorySample, ResizeMemory
+from resourced.policies.memory_sample import SandboxPoller, memory_mount, read_cgroup_node, read_host
 from resourced.policyfile import Table, parse
+from resourced.resize import resize
 from resourced.sampler import CpuSampler, online_limits
 from resourced.tiers import Tiers
 from shim.resources.qos.detect import detect_driver
@@ -105,13 +116,66 @@ class Daemon:
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
         self.rounds = 0
+        mem = cfg.policies.get("memory")
+        self.memory: MemoryPolicy | None = mem if isinstance(mem, MemoryPolicy) and mem.config.enabled else None
+        self.poller: SandboxPoller | None = None
+        if self.memory is not None:
+            self.poller = SandboxPoller(self.memory.config.state_root, lambda: self.sampler.groups()[1],
+                                        self.driver.version)
+
+    def _memory_sample(self, now: float) -> MemorySample | None:
+        """The node's memory now and the latest sandbox views (None when unreadable: logged)."""
+        if self.memory is None or self.poller is None:
+            return None
+        try:
+            host = read_host()
+            node = self.memory.config.node_cgroup
+            if node:
+                found = memory_mount()
+                if found is None:
+                    raise KataColoError("[memory] node_cgroup is set but no memory cgroup controller is mounted")
+                host = read_cgroup_node(os.path.join(found[0], node), found[1], host)
+        except (KataColoError, OSError, ValueError) as exc:
+            self.metrics.errors.labels("memory", "sample").inc()
+            log.warning("memory: cannot read the node's memory: %s", exc)
+            return None
+        return MemorySample(now, dt.datetime.now().time(), host, tuple(self.poller.latest.values()))
+
+    async def _poll_sandboxes(self) -> None:
+        assert self.memory is not None and self.poller is not None
+        interval = self.memory.config.sample_interval_ms / 1000.0
+        while not self.stopping.is_set():
+            try:
+                await self.poller.refresh()
+            except Exception as exc:  # noqa: BLE001 - logged; the next round asks again
+                log.warning("memory: polling the sandboxes failed: %s", exc)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), interval)
+            except TimeoutError:
+                pass
+
+    async def _resize(self, policy: str, a: ResizeMemory) -> None:
+        try:
+            out = await resize(self.memory.config.state_root if self.memory else "", a, self.dry_run)
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the daemon goes on
+            self.metrics.errors.labels(policy, a.kind).inc()
+            log.warning("%s: %s: resize failed: %s", policy, a.reason, exc)
+            out = None
+        if out is not None:
+            self.metrics.resizes.labels(out.result).inc()
+            if out.result in ("failed", "refused", "timeout"):
+                self.metrics.errors.labels(policy, a.kind).inc()
+            level = logging.INFO if out.result in ("ok", "dry_run") else logging.WARNING
+            log.log(level, "%s: %s: %s", policy, a.reason, out.message)
+        if self.memory is not None:
+            self.memory.resized(a.sandbox_id, out.target if out else None, time.monotonic())
 
     def _apply(self, policy: str, actions: list[Action]) -> list[Action]:
-        """Apply non-eviction actions now; return the evictions (async, CRI)."""
+        """Apply cgroup actions now; return the evictions and resizes (async: CRI, shims)."""
         evictions: list[Action] = []
         for a in actions:
             self.metrics.decisions.labels(policy, a.kind).inc()
-            if isinstance(a, EvictPod):
+            if isinstance(a, (EvictPod, ResizeMemory)):
                 evictions.append(a)
                 continue
             try:
@@ -147,13 +211,20 @@ class Daemon:
             log.debug("sample %.3fs: node %.2f online %.2f offline %.2f system %.2f cores; offline cpus %s quota %s "
                       "vcpus %d", s.interval_s, s.node_used, s.online_used, s.offline_used, s.system_used,
                       s.offline_cpus, s.offline_quota_cores, s.offline_vcpus)
-            extra = {"online_limits": online_limits(self.driver, self.sampler.base, list(s.online_groups))}
-            sample = NodeSample(time.monotonic(), s, extra)
+            now = time.monotonic()
+            extra: dict[str, Any] = {
+                "online_limits": online_limits(self.driver, self.sampler.base, list(s.online_groups))}
+            mem = self._memory_sample(now)
+            if mem is not None:
+                extra["memory"] = mem
+            sample = NodeSample(now, s, extra)
             for name, policy in self.cfg.policies.items():
                 pending += [(name, a) for a in self._apply(name, policy.decide(sample))]
                 for g, v in policy.gauges().items():
                     if g in m.gauges:
                         m.gauges[g].set(v)
+            if self.memory is not None:
+                m.set_sandbox_memory(self.memory.sandbox_gauges())
         self.metrics.sample_seconds.observe(time.perf_counter() - t0)
         return pending
 
@@ -179,10 +250,15 @@ class Daemon:
         interval = self.cfg.interval_ms / 1000.0
         next_t = loop.time()
         evicting: set[asyncio.Task[None]] = set()
+        if self.memory is not None:
+            poll = asyncio.create_task(self._poll_sandboxes())
+            evicting.add(poll)
+            poll.add_done_callback(evicting.discard)
         try:
             while not self.stopping.is_set():
                 for name, a in self.tick():
-                    task = asyncio.create_task(self._evict(name, a))
+                    task = asyncio.create_task(
+                        self._resize(name, a) if isinstance(a, ResizeMemory) else self._evict(name, a))
                     evicting.add(task)
                     task.add_done_callback(evicting.discard)
                 next_t += interval
@@ -195,6 +271,9 @@ class Daemon:
                 except TimeoutError:
                     pass
         finally:
+            for task in list(evicting):  # a resize in flight goes on in its shim; stop waiting
+                task.cancel()
+            await asyncio.gather(*list(evicting), return_exceptions=True)
             online, offline = self.sampler.groups()
             for name, policy in self.cfg.policies.items():
                 self._apply(name, policy.release(online, offline, self.sampler.node_cpus()))

@@ -5,6 +5,7 @@ Layout::
     [daemon]            interval_ms, listen ("127.0.0.1:9301"; "" = no HTTP), cri_endpoint
     [tiers]             online = [...], offline = [...]  (default: the shim configuration's [colo])
     [cpu] ...           the CPU policy (resourced.policies.cpu)
+    [memory] ...        the memory policy (resourced.policies.memory_config; [[memory.window]])
     [<other policy>]    each registered policy owns the table of its name
 
 tomllib reports syntax errors with a line; a semantic error (a bad value) names a key path, and
@@ -22,7 +23,7 @@ from typing import Any
 
 from resourced.errors import PolicyError
 
-_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\s*(#.*)?$")
+_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,19 @@ class Locator:
     text: str
 
     def line_of(self, path: Sequence[str]) -> int | None:
-        """1-based line of the key ``path`` (table names..., key), best effort."""
+        """1-based line of the key ``path`` (table names..., key), best effort. A table name
+        ``name#N`` is the N-th ``[[name]]`` of an array of tables."""
         *tables, key = path if path else ("",)
+        occurrence = 1
+        if tables and "#" in tables[-1]:
+            last, _, nth = tables[-1].partition("#")
+            tables = [*tables[:-1], last]
+            occurrence = int(nth) if nth.isdigit() else 1
         header = ".".join(tables)
         in_table = header == ""
         header_line: int | None = None
-        whole = ".".join(path)
+        whole = ".".join([*tables, key])
+        seen = 0
         for n, raw in enumerate(self.text.splitlines(), 1):
             m = _HEADER.match(raw)
             if m:
@@ -45,7 +53,10 @@ class Locator:
                     return n  # the key is itself a table
                 in_table = name == header
                 if in_table:
-                    header_line = n
+                    seen += 1
+                    in_table = seen == occurrence
+                    if in_table:
+                        header_line = n
                 continue
             if in_table and re.match(rf"^\s*\"?{re.escape(key)}\"?\s*=", raw):
                 return n

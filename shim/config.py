@@ -104,17 +104,37 @@ class FactoryConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """``enable_debug`` turns on the shim's debug log; ``hypervisor`` names the driver;
+    ``static_sandbox_resource_mgmt`` (kata's key): containerd Update never resizes the VM;
     ``admin_gid`` is the group (besides root) allowed on the management socket (0 = root only)."""
 
     enable_debug: bool = False
     internetworking_model: str = "tcfilter"
     hypervisor: str = DEFAULT_HYPERVISOR
+    static_sandbox_resource_mgmt: bool = False
     admin_gid: int = 0
 
 
 ONLINE_CGROUPS = ("kubepods/burstable", "kubepods/pod*", "kubepods.slice/kubepods-burstable.slice",
                   "kubepods.slice/kubepods-pod*.slice")
 OFFLINE_CGROUPS = ("kubepods/besteffort", "kubepods.slice/kubepods-besteffort.slice")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """``[colo.memory]``: memory elasticity (:mod:`shim.resources.memory`). No shrink goes below
+    the guest's used memory + ``reserve_mib``, nor below ``min_mib``; the guest gets
+    ``resize_timeout`` seconds to take or give back memory before the resize is reported as
+    timed out (the VM keeps what it reached)."""
+
+    reserve_mib: int = 64
+    min_mib: int = 256
+    resize_timeout: float = 30.0
+
+    def validate(self) -> MemoryConfig:
+        _check(0 <= self.reserve_mib <= 1 << 20, "colo.memory.reserve_mib must be 0..1048576")
+        _check(64 <= self.min_mib <= 1 << 22, "colo.memory.min_mib must be 64..4194304")
+        _check(0 < self.resize_timeout <= 3600, "colo.memory.resize_timeout must be in (0, 3600] seconds")
+        return self
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,11 @@ class ColoConfig:
     root: Mapping[str, Any] = field(default_factory=dict)
     vmm: Mapping[str, Any] = field(default_factory=dict)
     priorities: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, Mapping):  # the raw [colo.memory] table from parse()
+            object.__setattr__(self, "memory", _section(MemoryConfig, self.memory, "colo.memory"))
 
 
 @dataclass(frozen=True)
@@ -223,6 +248,7 @@ class Config:
         for name in self.colo.priorities:
             _check(bool(re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}", name)),
                    f"colo.priorities: bad priority name {name!r}")
+        self.colo.memory.validate()
         return self
 
 

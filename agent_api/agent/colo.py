@@ -5,22 +5,31 @@ SetVcpuPriorities gives {priority: [vCPUs]} (the host placed those vCPU threads 
 ``<cgroup parent>/prio-<name>`` with ``cpuset.cpus`` = that priority's vCPUs, writes
 ``/run/kata-colo/vcpu-priorities.json`` (the host's ``QosManager.guest_json()`` format) and
 places each container annotated ``io.katacontainers.colo.container-priority=<name>`` under
-its priority's group (runc cgroupsPath ``<parent>/prio-<name>/<cid>``).
+its priority's group (runc cgroupsPath ``<parent>/prio-<name>/<cid>``); ``on_change`` passes the
+mapping on to ``resources.json``. SetMemory records the VM's memory as the host sized it in
+``resources.json`` (:mod:`agent_api.agent.resources_file`); it and GetGuestMemory answer with
+the guest's /proc/meminfo.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from google.protobuf import empty_pb2
 
+from agent_api.agent import memory_hotplug
 from agent_api.agent.cgroups import CGROUP_ROOT
 from common.errors import FailedPrecondition, InvalidArgument, ResourceError
 from proto.kata_colo import colo_pb2
 from ttrpc import ServerContext
+
+if TYPE_CHECKING:
+    from agent_api.agent.resources_file import GuestResources
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +132,15 @@ class Colo:
     """The agent's vCPU-priority state and its cgroups (cgroup v2 only: the guest's)."""
 
     def __init__(self, cgroup_parent: str, *, cgroup_root: str = CGROUP_ROOT, run_dir: str = RUN_DIR,
-                 online_path: str = ONLINE_CPUS) -> None:
+                 online_path: str = ONLINE_CPUS,
+                 on_change: Callable[[dict[str, list[int]]], None] | None = None) -> None:
         self.cgroup_parent = "/" + cgroup_parent.strip("/")
         self.cgroup_root = cgroup_root
         self.json_path = os.path.join(run_dir, JSON_NAME)
         self.online_path = online_path
         self.priorities: dict[str, list[int]] = {}
         self.rmdir = os.rmdir  # cgroupfs dirs hold only interface files: rmdir removes them
+        self.on_change = on_change  # resources.json follows the priorities
 
     # -- names -------------------------------------------------------------------------------
     def group(self, name: str) -> str:
@@ -165,6 +176,8 @@ class Colo:
             self._remove_group(name)
         self.priorities = wanted
         _write_atomic(self.json_path, render_json(wanted))
+        if self.on_change is not None:
+            self.on_change(wanted)
         log.info("vCPU priorities: %s", {n: format_cpu_list(v) for n, v in wanted.items()})
         return wanted
 
@@ -219,13 +232,35 @@ class Colo:
             pass
 
 
-class ColoService:
-    """kata_colo.v1.Colo handlers."""
+def guest_memory(sys_mem: str = memory_hotplug.SYS_MEM, proc_meminfo: str = memory_hotplug.PROC_MEMINFO
+                 ) -> colo_pb2.GuestMemory:
+    info = memory_hotplug.meminfo(proc_meminfo)
+    return colo_pb2.GuestMemory(total_bytes=info.total, free_bytes=info.free, available_bytes=info.available,
+                                cached_bytes=info.cached, block_size_bytes=memory_hotplug.block_size(sys_mem),
+                                offline_blocks=len(memory_hotplug.offline_blocks(sys_mem)))
 
-    def __init__(self, colo: Colo) -> None:
+
+class ColoService:
+    """kata_colo.v1.Colo handlers. ``resources`` is the resources.json writer
+    (:class:`agent_api.agent.resources_file.GuestResources`); None = SetMemory unimplemented."""
+
+    def __init__(self, colo: Colo, resources: GuestResources | None = None) -> None:
         self.colo = colo
+        self.resources = resources
 
     async def SetVcpuPriorities(self, req: colo_pb2.SetVcpuPrioritiesRequest,
                                 ctx: ServerContext) -> empty_pb2.Empty:
         self.colo.set({name: list(s.vcpus) for name, s in req.priorities.items()})
         return empty_pb2.Empty()
+
+    async def SetMemory(self, req: colo_pb2.SetMemoryRequest, ctx: ServerContext) -> colo_pb2.GuestMemory:
+        if self.resources is None:
+            raise FailedPrecondition("this agent keeps no resources.json")
+        m = req.memory
+        state = {"usable_bytes": m.usable_bytes, "target_bytes": m.target_bytes, "max_bytes": m.max_bytes,
+                 "floor_bytes": m.floor_bytes, "mechanisms": list(m.mechanisms)}
+        await asyncio.to_thread(self.resources.set_memory, state)
+        return await asyncio.to_thread(guest_memory)
+
+    async def GetGuestMemory(self, req: empty_pb2.Empty, ctx: ServerContext) -> colo_pb2.GuestMemory:
+        return await asyncio.to_thread(guest_memory)

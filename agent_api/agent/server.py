@@ -17,8 +17,10 @@ from agent_api.agent.debug_exec import DebugService
 from agent_api.agent.debug_exec import enabled as debug_enabled
 from agent_api.agent.guest_process import StreamEOF
 from agent_api.agent.guest_sandbox import Sandbox
+from agent_api.agent.memory_hotplug import MemoryHotplug
 from agent_api.agent.network import Network
 from agent_api.agent.reaper import Reaper
+from agent_api.agent.resources_file import GuestResources
 from agent_api.agent.runc import Runc
 from agent_api.agent.service import AgentService, HealthService
 from common.errors import to_status
@@ -59,12 +61,18 @@ class Agent:
                          no_pivot=cfg.no_pivot)
         self.containers = Containers(cfg, self.reaper, self.runc)
         self.sandbox = Sandbox(cfg, self.containers)
-        self.colo = Colo(cfg.cgroup_parent)
+        # resources.json beside the agent's state (/run/kata-colo in the guest)
+        self.resources = GuestResources(os.path.dirname(cfg.state_dir.rstrip("/")) or "/")
+        self.colo = Colo(cfg.cgroup_parent, on_change=self.resources.set_priorities)
+        # only the guest's init (PID 1) manages memory hotplug: an agent run on a host (tests)
+        # must leave the host's memory blocks alone
+        self.memory = MemoryHotplug(on_change=self.resources.refresh) if os.getpid() == 1 else None
         self.server = Server(status_of=to_status)
         self.server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
                                      AgentService(self.containers, self.sandbox, Network(self.reaper),
                                                   colo=self.colo))
-        self.server.register_service(colo_pb2.DESCRIPTOR.services_by_name["Colo"], ColoService(self.colo))
+        self.server.register_service(colo_pb2.DESCRIPTOR.services_by_name["Colo"],
+                                     ColoService(self.colo, self.resources))
         self.server.register_service(health_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
         if debug_enabled():  # agent.debug_console on the kernel command line
             self.server.register_service(debug_pb2.DESCRIPTOR.services_by_name["Debug"], DebugService(self.reaper))
@@ -75,6 +83,7 @@ class Agent:
         os.makedirs(os.path.join(self.cfg.state_dir, "runc"), mode=0o700, exist_ok=True)
         self.reaper.install(subreaper=self.subreaper)
         self.sandbox.start_oom_watcher()
+        await self._start_memory()
         for addr in self.cfg.listen:
             path = addr.removeprefix("unix:").removeprefix("//")
             await self.server.start_unix(path)
@@ -83,6 +92,14 @@ class Agent:
             await self._start_vsock()
         if self.cfg.use_serial:
             self._tasks.append(asyncio.create_task(self._serve_serial(), name="virtio-serial"))
+
+    async def _start_memory(self) -> None:
+        """Hot-plugged memory onlined by the guest itself; resources.json written before any
+        container can bind its directory."""
+        if self.memory is not None:
+            await asyncio.to_thread(self.memory.configure)
+            self.memory.start()
+        await asyncio.to_thread(self.resources.write)
 
     async def _start_vsock(self) -> None:
         if not hasattr(socket, "AF_VSOCK"):
@@ -143,8 +160,11 @@ class Agent:
         if self._vsock_server is not None:
             self._vsock_server.close()
         await self.server.close()
+        if self.memory is not None:
+            await self.memory.close()
         await self.sandbox.stop()
         await self.containers.remove_all()
         self.colo.cleanup()
+        self.resources.remove()
         remove_parent(self.cfg.cgroup_parent)
         self.reaper.uninstall()

@@ -3,7 +3,8 @@
 The protobuf ↔ JSON walk is :mod:`agent_api.oci_codec` (shared with the host). Guest adaptation
 (:func:`adapt_for_guest`): hooks,
 AppArmor/SELinux labels and host namespace paths are dropped, the root path is validated to
-stay under the shared dir and the cgroup path is put under the agent's cgroup parent.
+stay under the shared dir, the cgroup path is put under the agent's cgroup parent and the
+agent's run directory (``/run/kata-colo``: resources.json) is bound read-only into the container.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from common.errors import InvalidArgument
 from common.guest_storage import GUEST_VOLUME_DIR
 from proto.kata import oci_pb2
 
+#: the agent's run directory, shown read-only in every container (agent_api.agent.resources_file)
+RESOURCES_DIR = "/run/kata-colo"
 # guest namespaces a container may not keep a host path for: it shares the guest's instead
 _SHARE_WITH_GUEST = {"network", "ipc", "uts", "pid", "cgroup", "mount", "user"}
 # ...except these, which get a new namespace instead (pid: the agent and every pod process
@@ -86,6 +89,7 @@ def adapt_for_guest(spec: oci_pb2.Spec, *, container_id: str, shared_dir: str,
     linux["namespaces"] = namespaces
     linux["cgroupsPath"] = f"{cgroup_parent.rstrip('/')}/{container_id}"
     linux.pop("mountLabel", None)
+    add_resources_mount(cfg)
     return cfg
 
 
@@ -96,6 +100,16 @@ def _bind_source(source: str, shared_dir: str) -> str:
         if path_within(source, GUEST_VOLUME_DIR) == GUEST_VOLUME_DIR:
             raise InvalidArgument(f"bind source {source!r} is the volume dir itself") from None
         return path_within(source, GUEST_VOLUME_DIR)
+
+
+def add_resources_mount(cfg: dict[str, Any]) -> None:
+    """Bind the agent's run directory (resources.json, vcpu-priorities.json) read-only at the
+    same path, after the container's own mounts (its /run tmpfs), unless it mounts that path."""
+    mounts = cfg.setdefault("mounts", [])
+    if any(os.path.normpath(m.get("destination", "")) == RESOURCES_DIR for m in mounts):
+        return
+    mounts.append({"destination": RESOURCES_DIR, "type": "bind", "source": RESOURCES_DIR,
+                   "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
 
 
 def resources_to_json(res: oci_pb2.LinuxResources) -> dict[str, Any]:

@@ -14,7 +14,12 @@ from agent_api.client import convert
 from agent_api.client.rpc import AgentClient
 from common.errors import AgentError, KataColoError
 from hypervisor.base import AgentAddress
+from proto.kata_colo import colo_pb2
 from shim.backend import Stats
+
+
+def _guest_memory(msg: colo_pb2.GuestMemory) -> dict[str, int]:
+    return {f.name: int(getattr(msg, f.name)) for f in colo_pb2.GuestMemory.DESCRIPTOR.fields}
 
 
 class GuestAgent:
@@ -69,6 +74,20 @@ class GuestAgent:
 
     async def set_vcpu_priorities(self, mapping: dict[str, list[int]]) -> None:
         await self.client.set_vcpu_priorities(mapping)
+
+    async def set_memory(self, *, usable: int, target: int, maximum: int, floor: int,
+                         mechanisms: tuple[str, ...]) -> dict[str, int]:
+        """Tell the guest its memory (it rewrites resources.json); the guest's memory now (as
+        :meth:`guest_memory`)."""
+        state = colo_pb2.MemoryState(usable_bytes=usable, target_bytes=target, max_bytes=maximum,
+                                     floor_bytes=floor, mechanisms=list(mechanisms))
+        return _guest_memory(await self.client.set_memory(state))
+
+    async def guest_memory(self) -> dict[str, int]:
+        """The guest's /proc/meminfo: ``total_bytes``, ``free_bytes``, ``available_bytes``,
+        ``cached_bytes``, and ``block_size_bytes``, ``offline_blocks`` (as the guest says: the
+        caller bounds them)."""
+        return _guest_memory(await self.client.get_guest_memory())
 
     async def create_container(self, container_id: str, spec: dict[str, Any], *,
                                storages: list[dict[str, Any]] | None = None,

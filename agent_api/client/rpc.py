@@ -51,7 +51,7 @@ TIMEOUTS: dict[str, float | None] = {
     # health
     "Check": 5.0, "Version": 5.0,
     # kata-colo extension
-    "SetVcpuPriorities": 30.0,
+    "SetVcpuPriorities": 30.0, "SetMemory": 10.0, "GetGuestMemory": 5.0,
     "Exec": 35.0,  # debug_exec passes the command's own timeout + EXEC_GRACE
 }
 EXEC_GRACE = 5.0
@@ -258,6 +258,14 @@ class AgentClient:
         for name, vcpus in mapping.items():
             req.priorities[name].vcpus.extend(vcpus)
         await self._call(COLO_SERVICE, "SetVcpuPriorities", req, empty_pb2.Empty)
+
+    async def set_memory(self, state: colo_pb2.MemoryState) -> colo_pb2.GuestMemory:
+        """Tell the guest its memory (resources.json); answers with the guest's memory now."""
+        return await self._call(COLO_SERVICE, "SetMemory", colo_pb2.SetMemoryRequest(memory=state),
+                                colo_pb2.GuestMemory)
+
+    async def get_guest_memory(self) -> colo_pb2.GuestMemory:
+        return await self._call(COLO_SERVICE, "GetGuestMemory", empty_pb2.Empty(), colo_pb2.GuestMemory)
 
     async def debug_exec(self, argv: Iterable[str], *, stdin: bytes = b"", timeout: int = 30,
                          env: Iterable[str] = ()) -> debug_pb2.ExecResponse:

@@ -13,10 +13,11 @@ usable RAM). The API has no balloon statistics (openapi 0.3.0), so ``BalloonInfo
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from common.errors import FailedPrecondition, HypervisorError, InvalidArgument
+from common.errors import DeadlineExceeded, FailedPrecondition, HypervisorError, InvalidArgument
 from hypervisor.base import BalloonInfo, MemoryInfo, VmConfig
 from hypervisor.clh import vmconfig
 from hypervisor.clh.api import ClhApi
@@ -53,7 +54,7 @@ class MemoryMixin:
         out: list[str] = []
         if vmconfig.hotplug_mib(cfg):
             out.append("virtio-mem" if opts.hotplug_method == "virtio-mem" else "dimm")
-        if opts.enable_balloon:
+        if opts.enable_balloon and not cfg.vfio:  # VFIO pins guest RAM: inflating returns nothing
             out.append("balloon")
         return tuple(out)
 
@@ -69,12 +70,18 @@ class MemoryMixin:
         ballooned = 0
         if "balloon" in self.memory_mechanisms():
             ballooned = max(0, boot + plugged - _int(info, "memory_actual_size", boot + plugged))
+        block = 0
+        if vmconfig.hotplug_mib(cfg):
+            block = (vmconfig.VIRTIO_MEM_BLOCK_MIB if vmconfig.options_of(cfg).hotplug_method == "virtio-mem"
+                     else vmconfig.ACPI_BLOCK_MIB) * MIB
         return MemoryInfo(boot=boot, plugged=plugged, ballooned=ballooned,
-                          max=boot + vmconfig.hotplug_mib(cfg) * MIB)
+                          max=boot + vmconfig.hotplug_mib(cfg) * MIB, block=block)
 
-    async def resize_memory(self, target_mib: int) -> int:
+    async def resize_memory(self, target_mib: int, timeout: float = 30.0) -> int:
         """Plug memory towards ``target_mib`` (block-aligned, capped at the hotplug size);
-        virtio-mem also unplugs. Returns the resulting size in MiB."""
+        virtio-mem also unplugs. Returns the resulting size in MiB. CH's ``vm.resize`` answers
+        once the request is made and its API does not show what the guest has plugged, so
+        ``timeout`` bounds only that call."""
         cfg, _ = self._require_prepared()
         mechanisms = self.memory_mechanisms()
         if "dimm" not in mechanisms and "virtio-mem" not in mechanisms:
@@ -93,7 +100,11 @@ class MemoryMixin:
             block = vmconfig.VIRTIO_MEM_BLOCK_MIB
             new = min(-(-target_mib // block) * block, top)
         if new != current:
-            await self._call("vm.resize", self.api.resize(desired_ram=new * MIB))
+            try:
+                await asyncio.wait_for(self._call("vm.resize", self.api.resize(desired_ram=new * MIB)), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"cloud-hypervisor vm.resize to {new} MiB: no answer within "
+                                       f"{timeout:.0f}s") from None
         return new
 
     def _require_balloon(self) -> None:

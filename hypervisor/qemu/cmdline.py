@@ -24,6 +24,7 @@ MAX_VCPUS = 255
 RESOLVED_ACCELS = ("kvm", "tcg")
 BLOCK_DRIVERS = ("virtio-blk", "virtio-scsi", "nvme")
 MEMORY_BACKEND_ID = "ram0"
+VIRTIO_MEM_ID = "vmem0"
 SCSI_CONTROLLER = "scsi0"
 #: Cold-plugged VFIO devices each get their own root port, after the hot-plug ones (kata's
 #: ``cold_plug_vfio = "root-port"``); chassis numbers continue from theirs.
@@ -142,8 +143,12 @@ def validate(cfg: VmConfig) -> None:
         raise InvalidArgument(f"max_memory_mib ({cfg.max_memory_mib}) < memory_mib ({cfg.memory_mib})")
     if not 0 <= opts.memory_slots <= 255:
         raise InvalidArgument(f"memory_slots must be 0..255, not {opts.memory_slots}")
-    if cfg.max_memory_mib > cfg.memory_mib and opts.memory_slots == 0:
-        raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0")
+    if cfg.max_memory_mib > cfg.memory_mib and opts.memory_slots == 0 and not opts.enable_virtio_mem:
+        raise InvalidArgument("memory hotplug (max_memory_mib > memory_mib) needs memory_slots > 0 "
+                              "or enable_virtio_mem")
+    if opts.enable_virtio_mem and 0 < cfg.max_memory_mib - cfg.memory_mib < opts.virtio_mem_block_mib:
+        raise InvalidArgument(f"virtio-mem: max_memory_mib − memory_mib must be at least one "
+                              f"{opts.virtio_mem_block_mib} MiB block")
     if cfg.vfio and opts.machine_type != "q35":
         raise InvalidArgument("VFIO devices need machine q35 (pcie-root-port)")
     if opts.pcie_root_ports + len(cfg.vfio) > 32:
@@ -236,7 +241,9 @@ def build_argv(cfg: VmConfig, accel: str, *, incoming: bool = False) -> list[str
     argv += ["-cpu", opts.cpu_model or ("max" if accel == "tcg" else "host")]
     max_vcpus = cfg.max_vcpus or cfg.vcpus
     argv += ["-smp", f"{cfg.vcpus},maxcpus={max_vcpus}"]
-    if cfg.max_memory_mib > cfg.memory_mib:
+    if virtio_mem_mib(cfg):
+        argv += ["-m", f"{cfg.memory_mib}M,maxmem={cfg.max_memory_mib}M"]
+    elif cfg.max_memory_mib > cfg.memory_mib:
         argv += ["-m", f"{cfg.memory_mib}M,slots={opts.memory_slots},maxmem={cfg.max_memory_mib}M"]
     else:
         argv += ["-m", f"{cfg.memory_mib}M"]
@@ -266,6 +273,7 @@ def build_argv(cfg: VmConfig, accel: str, *, incoming: bool = False) -> list[str
                  "-device", f"virtserialport,chardev=charagent0,id=agentport0,name={AGENT_PORT_NAME}"]
     for i, share in enumerate(cfg.shared_dirs):
         argv += share_args(i, share, opts.ninep_security_model)
+    argv += virtio_mem_args(cfg)
     if cfg.image:
         argv += ["-drive", f"if=none,id=rootfs0,file={opt_value(cfg.image, 'image')},"
                            "format=raw,readonly=on",
@@ -297,6 +305,28 @@ def memory_file_args(cfg: VmConfig) -> list[str]:
     share = "on" if cfg.memory_shared else "off"
     return ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},size={cfg.memory_mib}M,"
                        f"mem-path={opt_value(cfg.memory_file, 'memory file')},share={share}"]
+
+
+def virtio_mem_mib(cfg: VmConfig) -> int:
+    """Size of the virtio-mem device (the hot-pluggable memory in whole blocks; 0 = none)."""
+    opts = options_of(cfg)
+    if not opts.enable_virtio_mem or cfg.max_memory_mib <= cfg.memory_mib:
+        return 0
+    extra = cfg.max_memory_mib - cfg.memory_mib
+    return extra - extra % opts.virtio_mem_block_mib
+
+
+def virtio_mem_args(cfg: VmConfig) -> list[str]:
+    """The virtio-mem device (``VIRTIO_MEM_ID``) over a RAM backend reserving no host memory
+    (``reserve=off``: only blocks the guest plugged and touched cost host RAM); it starts with
+    nothing plugged (``requested-size=0``)."""
+    size = virtio_mem_mib(cfg)
+    if not size:
+        return []
+    block = options_of(cfg).virtio_mem_block_mib
+    return ["-object", f"memory-backend-ram,id={VIRTIO_MEM_ID}-ram,size={size}M,reserve=off",
+            "-device", f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_ID}-ram,"
+                       f"block-size={block}M,requested-size=0"]
 
 
 def needs_scsi_controller(cfg: VmConfig) -> bool:

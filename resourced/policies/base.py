@@ -3,7 +3,7 @@ the :class:`Policy` protocol the daemon drives (one sampling loop for all polici
 
 A policy is pure in its decisions: :meth:`Policy.decide` maps a sample (plus the policy's own
 remembered state) to actions; it performs no I/O. The daemon's actuator carries actions out
-(or, with ``--dry-run``, only logs them). A new policy (memory, next) adds a module with a class
+(or, with ``--dry-run``, only logs them). A new policy (as memory did) adds a module with a class
 implementing the protocol and one line in :data:`resourced.policies.REGISTRY`; it reads its own
 ``[<name>]`` table of the policy file and, when it needs more than CPU numbers, a field of
 :class:`NodeSample` filled by its sampler.

@@ -7,6 +7,7 @@ GET      /colo/sandbox                   JSON (:mod:`shim.mgmt.view`)
 PUT      /colo/vcpus/{n}/priority        ``{"priority": "low"}`` → the new {priority: [vCPUs]}
 PUT      /colo/priorities/{name}/knobs   ``{"cpu_shares": 64, ...}`` → the knobs in force
 POST     /colo/exec                      ``{"argv": [...], "stdin": b64, "timeout": s, "env": []}``
+GET/PUT  /colo/memory                    ``{"target": bytes}`` → the size reached (:mod:`shim.mgmt.memory`)
 =======  ==============================  ==================================================
 
 Errors are JSON ``{"error": reason, "status": code}``: unknown route 404, wrong method 405,
@@ -38,6 +39,7 @@ from common.errors import (
 )
 from common.prom_text import CONTENT_TYPE
 from shim.mgmt import view as viewmod
+from shim.mgmt.memory import MemoryRoutes
 from shim.mgmt.metrics import ShimMetrics
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,8 @@ class Admin:
                 web.get("/colo/sandbox", self.get_sandbox, allow_head=False),
                 web.put("/colo/vcpus/{vcpu}/priority", self.put_vcpu_priority),
                 web.put("/colo/priorities/{name}/knobs", self.put_knobs),
-                web.post("/colo/exec", self.post_exec)]
+                web.post("/colo/exec", self.post_exec),
+                *MemoryRoutes(self._running, read_json).routes()]
 
     def _sandbox(self) -> Any:
         if self.sandbox is None:

@@ -27,10 +27,11 @@ DEFAULT_TIMEOUT = 3.0  # kata's shim client / monitor timeout
 class ShimError(KataColoError):
     """The shim answered with an HTTP error."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(f"{reason} (HTTP {status})")
         self.status = status
         self.reason = reason
+        self.body = body  # the JSON error document (with extra fields, e.g. memory limits)
 
 
 def list_sandboxes(root: str | os.PathLike[str] = STATE_ROOT) -> list[str]:
@@ -105,7 +106,7 @@ class ShimClient:
                     timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise ShimError(resp.status, _reason(raw, resp.reason or ""))
+                    raise ShimError(resp.status, _reason(raw, resp.reason or ""), _error_doc(raw))
                 return raw, resp.headers.get("Content-Type", "")
         except TimeoutError:
             raise DeadlineExceeded(f"sandbox {self.sandbox_id}: no answer within "
@@ -124,6 +125,14 @@ class ShimClient:
             return json.loads(raw)
         except ValueError:
             raise Unavailable(f"sandbox {self.sandbox_id}: not JSON: {raw[:80]!r}") from None
+
+
+def _error_doc(raw: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _reason(raw: bytes, fallback: str) -> str:

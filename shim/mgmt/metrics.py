@@ -9,7 +9,8 @@ Families, in order:
   ``pod_overhead_cpu`` / ``pod_overhead_memory_in_bytes`` (:mod:`shim.mgmt.overhead`).
 * ``kata_hypervisor_*``: the same per-process families of the VMM (/proc/<vmm pid>).
 * ``kata_colo_*``: per priority vCPU CPU time, throttling and knobs in force
-  (:mod:`shim.mgmt.colo`), the VM's memory as the hypervisor sees it (MemoryControl), the guest
+  (:mod:`shim.mgmt.colo`), the VM's memory as the hypervisor sees it (MemoryControl) and as the
+  memory resource sizes it (``kata_colo_memory_*``, :mod:`shim.mgmt.memory`), the guest
   metrics' own health (:mod:`shim.mgmt.guest`).
 * ``kata_agent_*`` / ``kata_guest_*``: the guest's, validated (:mod:`shim.mgmt.guest`).
 
@@ -33,6 +34,7 @@ from common.prom_text import EXP_BUCKETS_MS, Family, Labels, histogram, labelled
 from hypervisor.base import MemoryControl
 from shim.mgmt import colo, procfs
 from shim.mgmt.guest import GuestMetrics, agent_fetch
+from shim.mgmt.memory import families as memory_families
 from shim.mgmt.overhead import PodOverhead
 
 TASK_RPCS = ("State", "Create", "Start", "Delete", "Pids", "Pause", "Resume", "Checkpoint", "Kill",
@@ -147,13 +149,18 @@ class ShimMetrics:
         hv = self.sandbox.hv if self.sandbox is not None else None
         if not isinstance(hv, MemoryControl):
             return []
+        elastic: list[Family] = []
+        res = self.sandbox.resource("memory") if self.sandbox is not None else None
+        if res is not None:
+            with contextlib.suppress(KataColoError, TimeoutError):
+                elastic = memory_families(await asyncio.wait_for(res.view(), MEMORY_TIMEOUT))
         try:
             info = await asyncio.wait_for(hv.memory_info(), MEMORY_TIMEOUT)
         except (KataColoError, TimeoutError):
             return []
         return [labelled("kata_colo_vm_memory_bytes", "The VM's memory as the hypervisor sees it.", "item",
                          [("boot", info.boot), ("plugged", info.plugged), ("ballooned", info.ballooned),
-                          ("max", info.max), ("usable", info.usable)])]
+                          ("max", info.max), ("usable", info.usable)]), *elastic]
 
     def _host_families(self, vmm_pid: int | None, view: colo.VcpuView | None) -> list[Family]:
         """Everything read from /proc and cgroupfs (blocking: runs in a worker thread)."""

@@ -4,7 +4,8 @@
 "containers": [{"id", "bundle", "pid", "status", "execs": [{"id", "pid", "status"}]}],
 "vcpus": [{"vcpu", "priority", "tid", "cgroup", "cgroups"}],
 "priorities": {name: {"vcpus", "cgroup", "knobs" (configured), "in_force" (read back)}},
-"memory": {"boot_bytes", "plugged_bytes", "ballooned_bytes", "max_bytes", "usable_bytes"} | null,
+"memory": {"boot_bytes", "plugged_bytes", "ballooned_bytes", "max_bytes", "usable_bytes",
+"target_bytes", "actual_bytes", "floor_bytes", "mechanisms", "guest", "resizes", "last"} | null,
 "network": [{"name", "mac", "guest_mac", "mtu", "addresses", "tap"}], "overhead": {...}}``
 
 Built from the sandbox handle, the task service's process table and the host (/proc, cgroupfs);
@@ -86,10 +87,17 @@ def network(sandbox: Any) -> list[dict[str, Any]]:
     return out
 
 
-async def memory(sandbox: Any) -> dict[str, int] | None:
+async def memory(sandbox: Any) -> dict[str, Any] | None:
     hv = sandbox.hv
     if not sandbox.running or not isinstance(hv, MemoryControl):
         return None
+    res = sandbox.resource("memory")
+    if res is not None:  # target, floor, guest numbers, last resize (shim.resources.memory)
+        try:
+            doc: dict[str, Any] = await asyncio.wait_for(res.view(), MEMORY_TIMEOUT)
+            return doc
+        except (KataColoError, TimeoutError):
+            return None
     try:
         info = await asyncio.wait_for(hv.memory_info(), MEMORY_TIMEOUT)
     except (KataColoError, TimeoutError):

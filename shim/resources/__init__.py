@@ -13,6 +13,7 @@ from typing import Any
 
 from shim.resources.blockdev.resource import ContainerStorage
 from shim.resources.manager import RecoverFn, Resource, ResourceContext, ResourceManager
+from shim.resources.memory import MemoryResource
 from shim.resources.network.resource import NetworkResource
 from shim.resources.podcgroup.resource import PodCgroupResource
 from shim.resources.qos.resource import QosResource
@@ -21,7 +22,7 @@ from shim.resources.vfio.physical import PhysicalNicResource
 
 # PodCgroupResource first: the shim joins the sandbox cgroup before anything (the VMM) is spawned.
 SANDBOX_RESOURCES: tuple[Any, ...] = (PodCgroupResource, ShareFsResource, NetworkResource, PhysicalNicResource,
-                                      QosResource, ContainerStorage)
+                                      QosResource, ContainerStorage, MemoryResource)
 
 _OFFERS: dict[str, list[Resource]] = {}
 

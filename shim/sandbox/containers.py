@@ -64,6 +64,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def memory_limit(resources: dict[str, Any]) -> int | None:
+    """The OCI LinuxResources memory limit in bytes (None = not set; ≤ 0 = unlimited → 0)."""
+    memory = resources.get("memory") if isinstance(resources, dict) else None
+    if not isinstance(memory, dict) or "limit" not in memory:
+        return None
+    value = memory["limit"]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"memory.limit must be an integer, not {str(value)[:32]!r}")
+    return max(0, value)
+
+
 class ContainerOps:
     """Implements shim.backend.Backend on top of one Sandbox."""
 
@@ -73,6 +84,7 @@ class ContainerOps:
         self.sandbox_container = ""
         self.storage = StorageProvider(sandbox)
         self._boot_lock = asyncio.Lock()
+        self.memory_limits: dict[str, int] = {}  # container → OCI memory limit (bytes)
 
     @classmethod
     def from_context(cls, ctx: BackendContext) -> ContainerOps:
@@ -144,6 +156,9 @@ class ContainerOps:
             raise
         container.procs[""] = _Proc(opts.stdio, spec["process"])
         self.containers[opts.id] = container
+        limit = memory_limit(dict(spec.get("linux") or {}).get("resources") or {})
+        if limit:
+            self.memory_limits[opts.id] = limit  # counted when an Update resizes the VM
         return self._pid()
 
     async def _release(self, container: _Container) -> None:
@@ -247,6 +262,7 @@ class ContainerOps:
             with contextlib.suppress(KataColoError):
                 await self.sandbox.agent.remove_container(container_id)
         del self.containers[container_id]
+        self.memory_limits.pop(container_id, None)
         try:
             await self._release(c)
         finally:
@@ -275,10 +291,18 @@ class ContainerOps:
             await p.io.close_stdin()
 
     async def update(self, container_id: str, resources: dict[str, Any], annotations: dict[str, str]) -> None:
+        """The guest applies ``resources`` to the container; a memory limit first grows the VM
+        to ``default_memory`` + every container's limit (kata's updateResources)."""
         self._proc(container_id, "")
         if not isinstance(resources, dict):
             raise InvalidArgument("resources must be a JSON object")
-        await self.sandbox.require_agent().update_container(container_id, resources)
+        agent = self.sandbox.require_agent()
+        limit = memory_limit(resources)
+        if limit is not None:
+            limits = {**self.memory_limits, container_id: limit}
+            await self.sandbox.grow_memory_for_containers(sum(limits.values()))
+            self.memory_limits[container_id] = limit
+        await agent.update_container(container_id, resources)
 
     async def stats(self, container_id: str) -> Stats:
         self._proc(container_id, "")

@@ -255,3 +255,54 @@ class Sandbox:
         """Change one priority's knobs (shares/weight, idle, quota, burst, cpuset) at run time."""
         await self._require_qos().update_priority_knobs(priority, knobs)
         self.resources.persist()
+
+    # -- memory elasticity (the admin socket, containerd Update, the node policy) -------------
+
+    def _require_memory(self) -> Any:
+        mem = self.resource("memory")
+        if mem is None:
+            raise FailedPrecondition(f"sandbox {self.id}: its hypervisor has no memory control")
+        return mem
+
+    async def set_memory(self, target_bytes: int) -> Any:
+        """Resize the VM to ``target_bytes`` (:meth:`MemoryResource.resize`): the
+        :class:`~shim.resources.memory.ResizeResult`; MemoryLimitError outside [floor, max],
+        MemoryTimeout (with the size reached) when the guest did not follow in time."""
+        self.require_agent()
+        try:
+            return await self._require_memory().resize(target_bytes)
+        finally:
+            self.resources.persist()
+
+    async def memory_view(self) -> dict[str, Any]:
+        """The memory state from the VMM and the last guest numbers (the guest is not asked)."""
+        doc: dict[str, Any] = await self._require_memory().view()
+        return doc
+
+    async def memory_limits(self) -> dict[str, Any]:
+        """The memory state with limits computed from the guest's memory asked now."""
+        self.require_agent()
+        mem = self._require_memory()
+        info, lim = await mem.limits(fresh=True)
+        doc: dict[str, Any] = await mem.view()
+        doc.update(floor_bytes=lim.floor, max_bytes=lim.max, lowest_bytes=lim.lowest)
+        doc["guest"]["used_bytes"] = lim.used
+        return doc
+
+    async def grow_memory_for_containers(self, limits_bytes: int) -> None:
+        """kata's updateResources for memory: the VM needs ``default_memory`` + the containers'
+        limits; grow to that when it has less (never shrink: that is the operator's or the node
+        policy's call). A no-op with ``[runtime] static_sandbox_resource_mgmt`` or without
+        memory hotplug; MemoryLimitError when that is over the VM's maximum."""
+        mem = self.resource("memory")
+        cfg = self.cfg
+        if mem is None or cfg is None or cfg.runtime.static_sandbox_resource_mgmt or limits_bytes <= 0:
+            return
+        if not {"virtio-mem", "dimm"} & set(mem.mechanisms()):
+            log.info("sandbox %s: container memory limits need %d MiB more, but the VM has no memory "
+                     "hotplug (default_maxmemory)", self.id, limits_bytes >> 20)
+            return
+        want = (cfg.hypervisor.default_memory << 20) + limits_bytes
+        if want <= mem.target:
+            return
+        await self.set_memory(want)

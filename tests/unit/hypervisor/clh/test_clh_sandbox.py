@@ -65,6 +65,13 @@ class HvsockAgent:
     async def set_vcpu_priorities(self, mapping: dict[str, list[int]]) -> None:
         self.created["vcpu_priorities"] = mapping
 
+    async def set_memory(self, **state: Any) -> dict[str, int]:
+        self.created["memory"] = state
+        return await self.guest_memory()
+
+    async def guest_memory(self) -> dict[str, int]:
+        return {"total_bytes": 400 << 20, "available_bytes": 300 << 20}
+
 
 def write_config(tmp_path: Path, *, path: str = FAKE_CLH, shared_fs: str = "none", colo: str = "") -> Path:
     for name in ("vmlinux", "initramfs.cpio"):
@@ -118,9 +125,14 @@ async def test_sandbox_boots_and_stops_cloud_hypervisor(tmp_path: Path, fake_vmm
         assert vm and vm[0]["record"] == {"driver": "clh", "state_dir": str(sb.vm_dir), "pid": pid}
         agent = HvsockAgent.instances[-1]
         assert agent.address == AgentAddress("hybrid-vsock", path=str(sb.vm_dir / "clh.sock"), port=1024)
-        assert agent.created == {"sandbox_id": "sb-clh", "hostname": "pod-a", "storages": []}
+        created = dict(agent.created)
+        memory = created.pop("memory")  # the memory resource told the guest its size after boot
+        assert created == {"sandbox_id": "sb-clh", "hostname": "pod-a", "storages": []}
+        assert memory["usable"] == memory["target"] == sb.resource("memory").target > 0
         assert "booted" in sb.console_tail()
-        assert fake_vmm.calls()[-4:] == ["vm.create", "vm.info", "vm.boot", "vm.info"]
+        calls = fake_vmm.calls()
+        assert calls[calls.index("vm.create"):calls.index("vm.boot") + 2] == ["vm.create", "vm.info", "vm.boot",
+                                                                              "vm.info"]
     finally:
         await sb.stop()
     assert sb.state is State.STOPPED and agent.closed
