@@ -29,7 +29,7 @@ python:
 	$(PYTHON) proto/build.py
 	$(PYTHON) setup.py -q build_ext --inplace
 	@scripts=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'); \
-	for s in containerd-shim-kata-colo-v2 kata-colo-ctl kata-colo-monitor kata-colo-device-plugin kata-colo-resourced; do \
+	for s in containerd-shim-kata-colo-v2 kata-colo-ctl kata-colo-monitor kata-colo-device-plugin kata-colo-resourced kata-colo-vmcache; do \
 	  ln -sf $$scripts/$$s /usr/local/bin/$$s; done
 
 # The configuration with commented defaults; a file the user already has is never overwritten.

@@ -341,7 +341,7 @@ def report(results: dict[Mode, Result]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench interference")
-    ap.add_argument("--quick", action="store_true", help="1 round, 4 s windows, fewer policies")
+    ap.add_argument("--quick", action="store_true", help="1 round, 3 s windows, fewer policies")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--window", type=float, default=None)
     ap.add_argument("--only", action="append", default=[], help="run only modes whose name contains this "

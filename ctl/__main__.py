@@ -234,7 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
              json_flag=True)
     sp.add_argument("size", nargs="?", help="the new size; omitted: show the memory state")
     cmd("env", cmd_env, "versions, configuration and paths", with_id=False, json_flag=True)
+    sp = cmd("factory", cmd_factory, "VM templating: build the template, show it, or destroy it",
+             with_id=False, json_flag=True)
+    sp.add_argument("action", choices=("init", "status", "destroy"))
+    sp.add_argument("--config", help="configuration file (default: $KATA_COLO_CONFIG, /etc/kata-colo/...)")
     return p
+
+
+async def cmd_factory(args: argparse.Namespace) -> int:
+    """``factory init|status|destroy`` (shim.factory.cli: the node's [factory] configuration)."""
+    from shim.factory import cli as factory_cli
+
+    return await factory_cli.run_async(args.action, args.config, as_json=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:

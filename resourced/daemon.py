@@ -50,7 +50,7 @@ DEFAULT_CRI = "/run/containerd/containerd.sock"
 
 @dataclass
 class DaemonConfig:
-    interval_ms: float = 250.0
+    interval_ms: float = 200.0
     listen: str = DEFAULT_LISTEN
     cri_endpoint: str = DEFAULT_CRI
     node_cgroup: str = ""
@@ -66,7 +66,7 @@ def load(text: str, file: str, colo: Any) -> DaemonConfig:
     top = Table(data, (), loc)
     d = top.sub("daemon")
     cfg = DaemonConfig(
-        interval_ms=float(d.number("interval_ms", 250.0, 20, 60_000)),
+        interval_ms=float(d.number("interval_ms", 200.0, 20, 60_000)),
         listen=d.string("listen", DEFAULT_LISTEN),
         cri_endpoint=d.string("cri_endpoint", DEFAULT_CRI),
         node_cgroup=d.string("node_cgroup", "").strip("/"),

@@ -5,11 +5,12 @@ Two snapshots of (host CPU time of the sandbox, Σ guest containers' CPU time) t
 memory − Σ guest containers' memory usage``. As in kata the measurement runs in the background
 after a ``/metrics`` call and its result is served by the NEXT scrape.
 
-Host side: CPU from the sandbox's host cgroup ``<colo root>/<sandbox>`` (cpuacct, which holds
-every VMM thread) when the QoS resource placed one, else from the VMM process (utime+stime of
-all its threads). Memory: there is no host memory cgroup per sandbox here (the QoS groups use
-only the cpu controllers), so it is the VMM process's RSS. :attr:`PodOverhead.source` names what
-was used; ``kata_colo_pod_overhead_source{resource,source}`` exports it.
+Host side: CPU from the sandbox's QoS group (the cpuacct group the QoS resource placed every
+VMM thread under: the pod cgroup with ``sandbox_cgroup_only``, else ``<colo root>/<sandbox>``)
+when there is one, else from the VMM process (utime+stime of all its threads). Memory: the VMM
+process's RSS (the pod cgroup's memory usage also counts the shim and page cache, which are not
+VM overhead). :attr:`PodOverhead.source` names what was used;
+``kata_colo_pod_overhead_source{resource,source}`` exports it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """VM templating and the VM cache end to end: containerd 1.6 + ctr/CRI + the installed shim with
 ``[factory] enable_template`` (a configuration written for this module from the node's one:
-same kernel, image and QEMU, 2 vCPUs, 2 PCIe root ports for NIC hotplug, crun in the guest).
+same kernel, image and QEMU, 2 vCPUs, 4 PCIe root ports for NIC hotplug, crun in the guest).
 
 - ``factory init`` builds the template; two ``ctr run --rm`` at once are two clones: correct
   output, different /dev/urandom bytes, different hostnames, guest clock within 1 s;
@@ -60,7 +60,7 @@ class Factory:
     endpoint: Path
 
     def cli(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "shim.factory", *args, "--config", str(config or self.config)],
+        return subprocess.run([sys.executable, "-m", "ctl", "factory", *args, "--config", str(config or self.config)],
                               capture_output=True, text=True, timeout=180,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
 

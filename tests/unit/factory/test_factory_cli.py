@@ -79,3 +79,14 @@ async def test_status_shows_a_template_and_destroy_removes_it(tmp_path, monkeypa
         assert rc == 0 and not t.path.exists()
     finally:
         t._unmount()
+
+
+def test_kata_colo_ctl_factory_runs_the_factory_cli(tmp_path, capsys):
+    from ctl.__main__ import main as ctl_main
+
+    path = config(tmp_path, cache=1)
+    assert ctl_main(["factory", "status", "--json", "--config", path]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["enabled"] and doc["cache"]["running"] is False
+    assert ctl_main(["factory", "init", "--config", config(tmp_path, enabled=False)]) == 2
+    assert "enable_template is off" in capsys.readouterr().err
