@@ -48,6 +48,7 @@ from hypervisor.clh.devices import DevicesMixin
 from hypervisor.clh.memory import MemoryMixin
 from hypervisor.clh.options import ClhOptions
 from hypervisor.clh.vmconfig import ClhPaths
+from hypervisor.vmm_process import pid_alive, tail
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +56,8 @@ T = TypeVar("T")
 VMM_START_TIMEOUT = 10.0   # kata clhTimeout: the ping loop
 PING_INTERVAL = 0.01       # kata: 10 ms between pings
 EXIT_GRACE = 1.0           # how long a broken API connection waits for the reaper to see an exit
-TAIL_BYTES = 2048
 MAX_VCPU_THREADS = 1024
 _VCPU_COMM = re.compile(r"vcpu(\d{1,4})")
-
-
-def _tail(path: str, limit: int = TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - limit, 0))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
 
 
 def check_binary(path: str) -> None:
@@ -153,7 +134,7 @@ class CloudHypervisor(DevicesMixin, MemoryMixin):
         return {"state_dir": paths.state_dir, "pid": self.vmm_pid() or 0}
 
     def console_tail(self, limit: int = 4096) -> str:
-        return _tail(self._paths.console_log, limit) if self._paths is not None else ""
+        return tail(self._paths.console_log, limit) if self._paths is not None else ""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -285,7 +266,7 @@ class CloudHypervisor(DevicesMixin, MemoryMixin):
             return ""
         parts = []
         for label, path in (("cloud-hypervisor", self._paths.vmm_log), ("console", self._paths.console_log)):
-            text = _tail(path)
+            text = tail(path)
             if text:
                 parts.append(f"\n--- {label} output (tail) ---\n{text}")
         return "".join(parts)
@@ -473,11 +454,11 @@ class CloudHypervisor(DevicesMixin, MemoryMixin):
 
     @classmethod
     async def _kill_ours(cls, pid: int, paths: ClhPaths, timeout: float) -> None:
-        if pid > 0 and _pid_alive(pid) and cls.is_our_vmm(pid, paths):
+        if pid > 0 and pid_alive(pid) and cls.is_our_vmm(pid, paths):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
-            while _pid_alive(pid):
+            while pid_alive(pid):
                 if time.monotonic() > deadline:
                     raise HypervisorError(f"leftover cloud-hypervisor pid {pid} did not die")
                 await asyncio.sleep(0.05)

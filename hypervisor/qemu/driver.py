@@ -31,41 +31,12 @@ from hypervisor.qemu.memory import MemoryMixin
 from hypervisor.qemu.monitor import QmpMonitor
 from hypervisor.qemu.options import QemuOptions
 from hypervisor.qemu.template import AdoptedProcess, SnapshotMixin
+from hypervisor.vmm_process import pid_alive, tail
 
 ReadyStep = Callable[[QmpMonitor, float], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
-TAIL_BYTES = 2048
-
-
-def _tail(path: str, limit: int = TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - limit, 0))
-            return f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while any thread of ``pid`` still runs. The leader of a SIGKILLed process is a
-    zombie while its other threads are still exiting, and those still hold its cgroups (rmdir
-    EBUSY): "dead" means every thread is."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in (b"Z", b"X"):
-            return True
-    return False
 
 
 class QemuHypervisor(HotplugMixin, MemoryMixin, SnapshotMixin):
@@ -264,14 +235,14 @@ class QemuHypervisor(HotplugMixin, MemoryMixin, SnapshotMixin):
             raise HypervisorError(f"QMP handshake failed during boot: {exc}") from None
 
     def console_tail(self, limit: int = 4096) -> str:
-        return _tail(self._paths.console_log, limit) if self._paths is not None else ""
+        return tail(self._paths.console_log, limit) if self._paths is not None else ""
 
     def _failure_detail(self) -> str:
         if self._paths is None:
             return ""
         parts = []
         for label, path in (("qemu", self._paths.qemu_log), ("console", self._paths.console_log)):
-            text = _tail(path)
+            text = tail(path)
             if text:
                 parts.append(f"\n--- {label} output (tail) ---\n{text}")
         return "".join(parts)
@@ -399,11 +370,11 @@ class QemuHypervisor(HotplugMixin, MemoryMixin, SnapshotMixin):
 
     @classmethod
     async def _kill_ours(cls, pid: int, paths: VmPaths, timeout: float) -> None:
-        if pid > 0 and _pid_alive(pid) and cls._is_our_qemu(pid, paths):
+        if pid > 0 and pid_alive(pid) and cls._is_our_qemu(pid, paths):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
-            while _pid_alive(pid):
+            while pid_alive(pid):
                 if time.monotonic() > deadline:
                     raise HypervisorError(f"leftover qemu pid {pid} did not die")
                 await asyncio.sleep(0.05)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from hypervisor.qemu.driver import _pid_alive
+from hypervisor.vmm_process import pid_alive as _pid_alive
 
 # the main thread leaves with pthread_exit: the leader is a zombie, the other thread runs on
 ZOMBIE_LEADER = """
