@@ -15,7 +15,8 @@ STORAGE_HANDLERS = ["9p", "virtio-fs", "ephemeral"]
 ONLINE_RETRIES = 50
 
 
-def _read(path: str) -> str:
+def read_value(path: str) -> str:
+    """A sysfs/procfs value, stripped ("" when it cannot be read)."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -23,7 +24,8 @@ def _read(path: str) -> str:
         return ""
 
 
-def _write(path: str, value: str) -> bool:
+def write_value(path: str, value: str) -> bool:
+    """Write a sysfs knob; False when the kernel refused it."""
     try:
         with open(path, "w") as f:
             f.write(value)
@@ -39,7 +41,7 @@ def online_cpus(sys_cpu: str = SYS_CPU, limit: int = 0) -> int:
                        key=lambda p: int(os.path.basename(os.path.dirname(p))[3:])):
         if limit and done >= limit:
             break
-        if _read(path) == "0" and _write(path, "1"):
+        if read_value(path) == "0" and write_value(path, "1"):
             done += 1
     return done
 
@@ -47,7 +49,7 @@ def online_cpus(sys_cpu: str = SYS_CPU, limit: int = 0) -> int:
 def online_memory(sys_mem: str = SYS_MEM) -> int:
     done = 0
     for path in glob.glob(os.path.join(sys_mem, "memory[0-9]*", "state")):
-        if _read(path) == "offline" and _write(path, "online"):
+        if read_value(path) == "offline" and write_value(path, "online"):
             done += 1
     return done
 
@@ -75,7 +77,7 @@ async def online_cpu_mem(req: agent_pb2.OnlineCPUMemRequest, *, sys_cpu: str = S
 def guest_details(req: agent_pb2.GuestDetailsRequest, *, sys_mem: str = SYS_MEM) -> agent_pb2.GuestDetailsResponse:
     resp = agent_pb2.GuestDetailsResponse()
     if req.mem_block_size:
-        text = _read(os.path.join(sys_mem, "block_size_bytes"))
+        text = read_value(os.path.join(sys_mem, "block_size_bytes"))
         resp.mem_block_size_bytes = int(text, 16) if text else 0
     if req.mem_hotplug_probe:
         resp.support_mem_hotplug_probe = os.path.exists(os.path.join(sys_mem, "probe"))
@@ -83,7 +85,7 @@ def guest_details(req: agent_pb2.GuestDetailsRequest, *, sys_mem: str = SYS_MEM)
     d.version = AGENT_VERSION
     d.init_daemon = os.getpid() == 1
     d.storage_handlers.extend(STORAGE_HANDLERS)
-    d.supports_seccomp = os.path.exists("/proc/self/status") and "Seccomp:" in _read("/proc/self/status")
+    d.supports_seccomp = os.path.exists("/proc/self/status") and "Seccomp:" in read_value("/proc/self/status")
     return resp
 
 

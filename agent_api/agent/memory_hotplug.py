@@ -20,6 +20,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent_api.agent.guest_details import read_value, write_value
+
 log = logging.getLogger(__name__)
 
 SYS_MEM = "/sys/devices/system/memory"
@@ -55,25 +57,8 @@ def meminfo(path: str = PROC_MEMINFO) -> MemInfo:
     return MemInfo(**values)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _write(path: str, value: str) -> bool:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-        return True
-    except OSError:
-        return False
-
-
 def block_size(sys_mem: str = SYS_MEM) -> int:
-    text = _read(os.path.join(sys_mem, "block_size_bytes"))
+    text = read_value(os.path.join(sys_mem, "block_size_bytes"))
     try:
         return int(text, 16) if text else 0
     except ValueError:
@@ -82,12 +67,12 @@ def block_size(sys_mem: str = SYS_MEM) -> int:
 
 def offline_blocks(sys_mem: str = SYS_MEM) -> list[str]:
     """State files of the memory blocks that are offline."""
-    return [p for p in glob.glob(os.path.join(sys_mem, "memory[0-9]*", "state")) if _read(p) == "offline"]
+    return [p for p in glob.glob(os.path.join(sys_mem, "memory[0-9]*", "state")) if read_value(p) == "offline"]
 
 
 def online_blocks(sys_mem: str = SYS_MEM) -> int:
     """Online every offline memory block (the kernel picks the zone by its online policy)."""
-    return sum(1 for p in offline_blocks(sys_mem) if _write(p, "online"))
+    return sum(1 for p in offline_blocks(sys_mem) if write_value(p, "online"))
 
 
 def parse_uevent(data: bytes) -> dict[str, str]:
@@ -118,9 +103,9 @@ class MemoryHotplug:
         auto = os.path.join(self.sys_mem, "auto_online_blocks")
         if not os.path.exists(auto):
             return ""
-        if _write(self.online_policy, "auto-movable") and _write(auto, "online"):
+        if write_value(self.online_policy, "auto-movable") and write_value(auto, "online"):
             self.mode = "online (auto-movable)"
-        elif _write(auto, "online_movable"):
+        elif write_value(auto, "online_movable"):
             self.mode = "online_movable"
         else:
             log.warning("cannot enable auto-onlining of hot-plugged memory (%s)", auto)
